@@ -20,7 +20,9 @@ def as_tensor(x, name: str, dtype=torch.float64) -> torch.Tensor:
             else:
                 t = torch.as_tensor(x)
         except Exception as exc:  # pragma: no cover - message is the point
-            raise TypeError(f"{name} must be a torch tensor or array-like, got {type(x).__name__}") from exc
+            raise TypeError(
+                f"{name} must be a torch tensor or array-like, got {type(x).__name__}"
+            ) from exc
     if not (t.is_floating_point() or t.dtype in (torch.int32, torch.int64)):
         raise TypeError(f"{name} must hold real numbers, got dtype {t.dtype}")
     return t.to(dtype) if dtype is not None else t
@@ -31,11 +33,15 @@ def check_finite(t: torch.Tensor, name: str) -> None:
         raise ValueError(f"{name} contains NaN or inf")
 
 
-def check_distribution(t: torch.Tensor, name: str, dims: int | None = None, atol: float = PROB_ATOL) -> None:
+def check_distribution(
+    t: torch.Tensor, name: str, dims: int | None = None, atol: float = PROB_ATOL
+) -> None:
     """``t`` must be finite, nonnegative and sum to 1 over its last ``dims`` dims (all if None)."""
     check_finite(t, name)
     if (t < 0).any():
-        raise ValueError(f"{name} has negative entries (min {t.min().item():.3g}); expected probabilities")
+        raise ValueError(
+            f"{name} has negative entries (min {t.min().item():.3g}); expected probabilities"
+        )
     dims = t.dim() if dims is None else dims
     s = t.sum(dim=tuple(range(t.dim() - dims, t.dim()))) if dims > 0 else t
     if not torch.allclose(s, torch.ones_like(s), atol=atol, rtol=0):
@@ -71,4 +77,6 @@ def check_positive_int(x, name: str, minimum: int = 1) -> int:
 
 def check_same_shape(a: torch.Tensor, b: torch.Tensor, name_a: str, name_b: str) -> None:
     if tuple(a.shape) != tuple(b.shape):
-        raise ValueError(f"{name_a} and {name_b} must have the same shape, got {tuple(a.shape)} and {tuple(b.shape)}")
+        raise ValueError(
+            f"{name_a} and {name_b} must have the same shape, got {tuple(a.shape)} and {tuple(b.shape)}"
+        )

@@ -59,7 +59,9 @@ class CPDist:
         """Build from unnormalised logits; ``gate_logits`` None means rank 1 (weight 1)."""
         lf = torch.log_softmax(factor_logits, dim=-1)
         if gate_logits is None:
-            lw = torch.zeros(*factor_logits.shape[:-3], factor_logits.shape[-2], dtype=lf.dtype, device=lf.device)
+            lw = torch.zeros(
+                *factor_logits.shape[:-3], factor_logits.shape[-2], dtype=lf.dtype, device=lf.device
+            )
         else:
             lw = torch.log_softmax(gate_logits, dim=-1)
         return cls(lw, lf)
@@ -97,7 +99,9 @@ class CPDist:
             idx = (idx,)
         if len(self.batch_shape) == 0:
             raise IndexError("this CPDist has no batch dimensions to index")
-        return CPDist(self.log_weights[idx + (slice(None),)], self.log_factors[idx + (slice(None),) * 3])
+        return CPDist(
+            self.log_weights[idx + (slice(None),)], self.log_factors[idx + (slice(None),) * 3]
+        )
 
     def to(self, *args, **kwargs) -> CPDist:
         return CPDist(self.log_weights.to(*args, **kwargs), self.log_factors.to(*args, **kwargs))
@@ -108,8 +112,10 @@ class CPDist:
     # ------------------------------------------------------------------ densities
     def to_tensor(self) -> torch.Tensor:
         """The explicit joint, shape (*B, V, ..., V) with n axes of size V. Only for small V**n."""
-        if self.vocab_size ** self.n > 50_000_000:
-            raise ValueError(f"to_tensor would build V**n = {self.vocab_size}**{self.n} entries; too large")
+        if self.vocab_size**self.n > 50_000_000:
+            raise ValueError(
+                f"to_tensor would build V**n = {self.vocab_size}**{self.n} entries; too large"
+            )
         w = self.weights  # (*B, r)
         f = self.factors  # (*B, n, r, V)
         out = w  # (*B, r)
@@ -126,7 +132,9 @@ class CPDist:
         ``*S`` are optional extra sample dimensions in front of the batch shape.
         """
         x = _check_tokens(x, "x", self.n, self.vocab_size)
-        lf = self.log_factors.expand(x.shape[:-1] + self.log_factors.shape[-3:])  # (*S, *B, n, r, V)
+        lf = self.log_factors.expand(
+            x.shape[:-1] + self.log_factors.shape[-3:]
+        )  # (*S, *B, n, r, V)
         idx = x.unsqueeze(-1).unsqueeze(-1).expand(x.shape + (self.rank, 1))  # (*S, *B, n, r, 1)
         per_expert = lf.gather(-1, idx).squeeze(-1).sum(-2)  # (*S, *B, r)
         return torch.logsumexp(per_expert + self.log_weights, dim=-1)
@@ -141,10 +149,14 @@ class CPDist:
     def marginal(self, positions) -> CPDist:
         """The CP distribution of the tokens at ``positions`` (a list of distinct indices)."""
         positions = list(positions)
-        if not positions or len(set(positions)) != len(positions) or any(
-            not 0 <= p < self.n for p in positions
+        if (
+            not positions
+            or len(set(positions)) != len(positions)
+            or any(not 0 <= p < self.n for p in positions)
         ):
-            raise ValueError(f"positions must be distinct indices in [0, {self.n}), got {positions}")
+            raise ValueError(
+                f"positions must be distinct indices in [0, {self.n}), got {positions}"
+            )
         return CPDist(self.log_weights, self.log_factors[..., positions, :, :])
 
     def posterior_log_weights(self, prefix: torch.Tensor) -> torch.Tensor:
@@ -170,7 +182,9 @@ class CPDist:
         prefix = torch.as_tensor(prefix)
         k = prefix.shape[-1] if prefix.dim() > 0 else 0
         if k >= self.n:
-            raise ValueError(f"prefix must be shorter than n={self.n} to leave tokens to predict, got {k}")
+            raise ValueError(
+                f"prefix must be shorter than n={self.n} to leave tokens to predict, got {k}"
+            )
         post = self.posterior_log_weights(prefix)
         return CPDist(post, self.log_factors[..., k:, :, :])
 
@@ -183,19 +197,30 @@ class CPDist:
         return CPDist(self.log_weights, torch.log_softmax(self.log_factors / temperature, dim=-1))
 
     # ------------------------------------------------------------------ sampling
-    def sample(self, num: int = 1, generator: torch.Generator | None = None, return_experts: bool = False):
+    def sample(
+        self, num: int = 1, generator: torch.Generator | None = None, return_experts: bool = False
+    ):
         """Draw ``num`` token tuples: (num, *B, n) (and the expert used, (num, *B), if asked)."""
         check_positive_int(num, "num")
         w = self.weights.detach()  # (*B, r)
         flat_w = w.reshape(-1, self.rank)
-        experts = torch.multinomial(flat_w, num, replacement=True, generator=generator)  # (prod B, num)
+        experts = torch.multinomial(
+            flat_w, num, replacement=True, generator=generator
+        )  # (prod B, num)
         experts = experts.T.reshape((num,) + tuple(self.batch_shape))  # (num, *B)
         f = self.factors.detach()  # (*B, n, r, V)
         fe = f.unsqueeze(0).expand((num,) + f.shape)  # (num, *B, n, r, V)
-        idx = experts.unsqueeze(-1).unsqueeze(-1).unsqueeze(-1).expand(experts.shape + (self.n, 1, self.vocab_size))
+        idx = (
+            experts.unsqueeze(-1)
+            .unsqueeze(-1)
+            .unsqueeze(-1)
+            .expand(experts.shape + (self.n, 1, self.vocab_size))
+        )
         chosen = fe.gather(-2, idx).squeeze(-2)  # (num, *B, n, V)
         flat = chosen.reshape(-1, self.vocab_size)
-        tokens = torch.multinomial(flat, 1, generator=generator).reshape(chosen.shape[:-1])  # (num, *B, n)
+        tokens = torch.multinomial(flat, 1, generator=generator).reshape(
+            chosen.shape[:-1]
+        )  # (num, *B, n)
         return (tokens, experts) if return_experts else tokens
 
     def mode(self) -> torch.Tensor:
@@ -210,7 +235,13 @@ class CPDist:
             lm = torch.logsumexp(lf + lw.unsqueeze(-1), dim=-2)  # (*B, V)
             tok = lm.argmax(-1)  # (*B,)
             out.append(tok)
-            lw = torch.log_softmax(lw + lf.gather(-1, tok[..., None, None].expand(tok.shape + (self.rank, 1))).squeeze(-1), -1)
+            lw = torch.log_softmax(
+                lw
+                + lf.gather(-1, tok[..., None, None].expand(tok.shape + (self.rank, 1))).squeeze(
+                    -1
+                ),
+                -1,
+            )
         return torch.stack(out, dim=-1)
 
     def __repr__(self) -> str:
@@ -236,7 +267,9 @@ class CPFit:
     """Result of :func:`fit_cp`."""
 
     dist: CPDist  # the fitted CP distribution (no batch dims)
-    history: list[float] = field(default_factory=list)  # KL(P||Q) after each iteration (best restart)
+    history: list[float] = field(
+        default_factory=list
+    )  # KL(P||Q) after each iteration (best restart)
     kl: float = float("nan")  # final KL(P||Q) in nats
     method: str = "em"  # "em", "hals" or "als"
     seconds: float = 0.0  # wall time of the fit, all restarts
@@ -299,7 +332,9 @@ def fit_cp(
         if best is None or fit.kl < best.kl:
             best = fit
     if best is None:
-        raise RuntimeError(f"all {restarts} restarts of fit_cp(method={method!r}) failed (NaN factors)")
+        raise RuntimeError(
+            f"all {restarts} restarts of fit_cp(method={method!r}) failed (NaN factors)"
+        )
     best.seconds = time.perf_counter() - t0
     best.failed = failed
     return best
@@ -316,10 +351,18 @@ def _fit_em(P: torch.Tensor, rank: int, n_iter: int, tol: float, seed: int) -> C
     g = torch.Generator().manual_seed(seed)
     # init: factors near P's marginals, perturbed so experts differ
     marg = [P.sum(dim=tuple(d for d in range(n) if d != s)) for s in range(n)]
-    F = torch.stack([
-        torch.stack([marg[s] * torch.empty(V, dtype=P.dtype).uniform_(0.5, 1.5, generator=g) + 1e-3 / V
-                     for _ in range(rank)]) for s in range(n)
-    ])  # (n, r, V)
+    F = torch.stack(
+        [
+            torch.stack(
+                [
+                    marg[s] * torch.empty(V, dtype=P.dtype).uniform_(0.5, 1.5, generator=g)
+                    + 1e-3 / V
+                    for _ in range(rank)
+                ]
+            )
+            for s in range(n)
+        ]
+    )  # (n, r, V)
     F = F / F.sum(-1, keepdim=True)
     w = torch.full((rank,), 1.0 / rank, dtype=P.dtype)
     history: list[float] = []
@@ -327,7 +370,9 @@ def _fit_em(P: torch.Tensor, rank: int, n_iter: int, tol: float, seed: int) -> C
 
     def components(w, F):  # (r, V, ..., V): w_a prod_s F[s, a, x_s]
         expr = ",".join(f"z{letters[s]}" for s in range(n))
-        return w.view((rank,) + (1,) * n) * torch.einsum(f"{expr}->z{letters}", *[F[s] for s in range(n)])
+        return w.view((rank,) + (1,) * n) * torch.einsum(
+            f"{expr}->z{letters}", *[F[s] for s in range(n)]
+        )
 
     comp = components(w, F)
     Q = comp.sum(0)
@@ -335,7 +380,9 @@ def _fit_em(P: torch.Tensor, rank: int, n_iter: int, tol: float, seed: int) -> C
     for _ in range(n_iter):
         R = comp * (P / Q.clamp_min(1e-300)).unsqueeze(0)  # (r, V..V): P(x) g_a(x)
         w_new = R.sum(dim=tuple(range(1, n + 1)))  # (r,)
-        F_new = torch.stack([R.sum(dim=tuple(d + 1 for d in range(n) if d != s)) for s in range(n)])  # (n, r, V)
+        F_new = torch.stack(
+            [R.sum(dim=tuple(d + 1 for d in range(n) if d != s)) for s in range(n)]
+        )  # (n, r, V)
         F_new = F_new / w_new.clamp_min(1e-300).view(1, rank, 1)
         # an expert with zero weight keeps its old factors (they do not matter)
         dead = w_new <= 1e-300
@@ -359,7 +406,9 @@ def _fit_tensorly(P, rank, method, n_iter, tol, seed, eps) -> CPFit | None:
     T = tl.tensor(P.numpy())
     history: list[float] = []
     if method == "hals":
-        cp = non_negative_parafac_hals(T, rank=rank, n_iter_max=n_iter, tol=tol, random_state=seed, init="random")
+        cp = non_negative_parafac_hals(
+            T, rank=rank, n_iter_max=n_iter, tol=tol, random_state=seed, init="random"
+        )
     else:
         cp = parafac(T, rank=rank, n_iter_max=n_iter, tol=tol, random_state=seed, init="random")
     weights, factors = cp

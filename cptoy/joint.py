@@ -291,6 +291,8 @@ def _as_int_array(x, name: str):
     if arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer):
         raise TypeError(f"{name} must be a 1-D sequence of ints, got shape {arr.shape}, "
                         f"dtype {arr.dtype}")
+    if arr.min() < 0:
+        raise ValueError(f"{name} must hold token ids >= 0, got {int(arr.min())}")
     return arr.astype(np.int64)
 
 
@@ -329,11 +331,11 @@ def corpus_joint(tokens: Sequence[int], context: Sequence[int], n: int,
     vocab = [int(v) for v in ids]
     if top_k is not None and len(vocab) > top_k:
         vocab = vocab[:top_k] + [OTHER]
-    index = {v: i for i, v in enumerate(vocab)}
-    other = index.get(OTHER, -1)
-    lut = np.vectorize(lambda v: index.get(int(v), other), otypes=[np.int64])
-    idx = lut(cont)  # (count, n)
     V = len(vocab)
+    lut = np.full(int(ids.max()) + 1, V - 1, dtype=np.int64)  # unknown ids -> OTHER (last)
+    kept = [v for v in vocab if v != OTHER]
+    lut[kept] = np.arange(len(kept))
+    idx = lut[cont]  # (count, n) axis indices
     flat = np.ravel_multi_index(tuple(idx.T), (V,) * n)
     counts = np.bincount(flat, minlength=V**n).reshape((V,) * n)
     counts_t = torch.tensor(counts, dtype=torch.int64)
@@ -412,7 +414,7 @@ def entropy(P) -> float:
 
 def _pair(P, Q) -> tuple[torch.Tensor, torch.Tensor]:
     if isinstance(Q, CPDist):
-        Q = Q.to(torch.float64).to_tensor()
+        Q = Q.detach().to(torch.float64).to_tensor()
     P = check_joint(P, "P")
     Q = check_joint(Q, "Q")
     check_same_shape(P, Q, "P", "Q")
