@@ -367,30 +367,38 @@ def _fit_em(P: torch.Tensor, rank: int, n_iter: int, tol: float, seed: int) -> C
     w = torch.full((rank,), 1.0 / rank, dtype=P.dtype)
     history: list[float] = []
     letters = "abcdefghijklmnopq"[:n]
+    factor_terms = ",".join(f"z{c}" for c in letters)  # "za,zb,zc"
 
-    def components(w, F):  # (r, V, ..., V): w_a prod_s F[s, a, x_s]
-        expr = ",".join(f"z{letters[s]}" for s in range(n))
-        return w.view((rank,) + (1,) * n) * torch.einsum(
-            f"{expr}->z{letters}", *[F[s] for s in range(n)]
-        )
+    def joint(w, F):  # Q (V,..,V) = sum_z w_z prod_s F[s, z, x_s], never building (r, V^n)
+        return torch.einsum(f"z,{factor_terms}->{letters}", w, *F.unbind(0))
 
-    comp = components(w, F)
-    Q = comp.sum(0)
+    Q = joint(w, F)
     history.append(_kl_dense(P, Q))
     for _ in range(n_iter):
-        R = comp * (P / Q.clamp_min(1e-300)).unsqueeze(0)  # (r, V..V): P(x) g_a(x)
-        w_new = R.sum(dim=tuple(range(1, n + 1)))  # (r,)
+        ratio = P / Q.clamp_min(1e-300)  # (V,..,V)
+        # M-step numerators: sum_x P(x) g_a(x) [x_s = v] = w_a F[s,a,v] sum_{x_-s} ratio prod_{t!=s} F[t,a,x_t]
         F_new = torch.stack(
-            [R.sum(dim=tuple(d + 1 for d in range(n) if d != s)) for s in range(n)]
+            [
+                torch.einsum(
+                    f"{letters},"
+                    + ",".join(f"z{c}" for t, c in enumerate(letters) if t != s)
+                    + f"->z{letters[s]}",
+                    ratio,
+                    *[F[t] for t in range(n) if t != s],
+                )
+                * F[s]
+                * w[:, None]
+                for s in range(n)
+            ]
         )  # (n, r, V)
+        w_new = F_new[0].sum(-1)  # (r,)
         F_new = F_new / w_new.clamp_min(1e-300).view(1, rank, 1)
         # an expert with zero weight keeps its old factors (they do not matter)
         dead = w_new <= 1e-300
         if dead.any():
             F_new[:, dead] = F[:, dead]
         w, F = w_new / w_new.sum(), F_new / F_new.sum(-1, keepdim=True)
-        comp = components(w, F)
-        Q = comp.sum(0)
+        Q = joint(w, F)
         history.append(_kl_dense(P, Q))
         if history[-2] - history[-1] < tol:
             break
