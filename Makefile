@@ -28,6 +28,9 @@ notebooks: $(STAMP)
 figures: $(STAMP)
 	$(PY) -m cptoy figures --out figures
 
+present: $(STAMP)
+	$(PY) -m cptoy present
+
 bench: $(STAMP)
 	$(PY) bench/em_vs_hals.py
 

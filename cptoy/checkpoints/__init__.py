@@ -1,0 +1,40 @@
+"""Demo checkpoints shipped inside the package (each file at most 5 MB, half precision).
+
+Rank-1 and rank-r CP heads share one frozen backbone per corpus, so acceptance differences come
+from the heads alone. Reproduce them with ``make checkpoints`` (see ``cptoy/recipes.py``).
+
+    from cptoy import checkpoints
+    model, tokenizer, metrics = checkpoints.load("code_r8")
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def available() -> list[str]:
+    """Names of the checkpoints present in the package folder, e.g. ``["code_r1", "code_r8"]``."""
+    return sorted(p.stem for p in HERE.glob("*.pt"))
+
+
+def path(name: str) -> Path:
+    """The file of checkpoint ``name``; ``ValueError`` listing what exists if it is unknown."""
+    p = HERE / f"{name}.pt"
+    if not p.is_file():
+        raise ValueError(f"unknown checkpoint {name!r}; available: {available()}")
+    return p
+
+
+def load(name: str, device: str | None = None):
+    """Load a shipped checkpoint: returns ``(model, tokenizer, metrics)`` with the model in eval mode."""
+    from cptoy.data import tokenizer_from_dict
+    from cptoy.heads import MTPModel
+
+    model = MTPModel.load(path(name))
+    if device is not None:
+        model = model.to(device)
+    tok = tokenizer_from_dict(model.tokenizer_dict) if model.tokenizer_dict else None
+    model.eval()
+    return model, tok, model.metrics

@@ -1,0 +1,782 @@
+"""CP heads: hidden states -> a batched rank-r CP distribution over the next n tokens.
+
+``CPHeads`` turns a hidden state ``h`` (after the backbone's final LayerNorm) into
+
+    Q(x_1..x_n | h) = sum_a w_a(h) prod_s q_{s,a}(x_s | h)
+
+with a gate ``w = softmax(W_g h)`` (absent for rank 1, which is exactly n independent heads)
+and factors ``q_{s,a} = softmax(z_{s,a}(h))`` over the vocabulary. The factor logits go through
+the backbone's own (tied) unembedding ``U`` (V, d), which the heads share and do not own.
+
+Two head structures (``expert_dim``):
+
+* ``expert_dim=None`` ("full", the default): every (position s, expert a) has its own
+  identity-initialised residual transform, Medusa style,
+
+      z_{s,a}(h) = U (h + silu(W_{s,a} h + b_{s,a}))
+
+  All n*r transforms are ONE matmul with a (d, n*r*d) weight and all n*r unembeddings ONE
+  matmul with U. Cost per position: n*r*(d^2 + d*V) multiply-adds forward. This is the
+  straightforward, paper-like structure; it is expensive when V is large (n*r unembeddings).
+
+* ``expert_dim=e`` ("structured"): one transform per position feeding the full unembedding,
+  plus an expert-specific low-rank correction through a small (V, e) output embedding B,
+
+      z_{s,a}(h) = U (h + silu(W_s h + b_s)) + B silu(A_{s,a} h + c_{s,a})
+
+  Cost per position: n*(d^2 + d*V) + n*r*(d*e + e*V). With e << d the expensive part (the n
+  full unembeddings) no longer grows with the rank, and in the backward pass the gradient of
+  the base logits is summed over experts before it meets U. Measured in
+  ``bench/train_overhead.py``.
+
+Both are "identity-initialised": the transforms start at h plus a small random perturbation
+(N(0, 0.02) weights), so at initialisation every factor is close to the backbone's own
+next-token distribution; the perturbation breaks the symmetry between experts.
+
+The training loss never materialises (B, T, n, r, V) probabilities: :class:`_FusedCPLogProb`
+walks over chunks of positions, computes each chunk's logits, the target log-probabilities,
+the log-normalisers and (when gradients are needed) the gradients right away, and keeps only
+(N, n, r)-sized results. :meth:`CPHeads.joint_log_prob` is the general, per-position
+differentiable version (chunked, with activation checkpointing); tests check that both agree.
+
+``MTPModel`` = :class:`cptoy.model.GPT` backbone + ``CPHeads``, with the multi-token loss,
+backbone freezing and checkpoints.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from cptoy._checks import check_positive_int
+from cptoy.cp import CPDist
+from cptoy.model import GPT, GPTConfig
+
+__all__ = ["CPHeads", "MTPModel", "HeadTerms", "CHECKPOINT_FORMAT", "CHECKPOINT_VERSION"]
+
+CHECKPOINT_FORMAT = "cptoy-mtp"  # the "format" entry of every checkpoint written by MTPModel.save
+CHECKPOINT_VERSION = 1  # bump when the layout changes; load() refuses newer versions
+_TINY = 1e-30  # below this a probability's log is taken in log space instead (float32 safety)
+_CHUNK_BYTES = 4 * 2**20  # default budget for one chunk's (c, n, r, V) float32 logits (cache-sized)
+
+
+# ============================================================================ fused loss
+
+
+class _FusedCPLogProb(torch.autograd.Function):
+    """sum_i log Q_i(x_i) over N positions, chunked, with gradients computed in the forward.
+
+    Inputs (``m`` is r for the full structure, 1 for the structured one, where the base logits
+    are shared by the experts of a position):
+        X  (N, n, m, d)   transformed hidden states that meet the unembedding
+        U  (V, d)         the unembedding
+        C  (N, n, r, e)   expert codes (structured only, else None)
+        B  (V, e)         expert output embedding (structured only, else None)
+        lw (N, r)         log gate weights
+        targets (N, n)    token ids
+    Logits: z_{s,a} = X_{s,a} @ U.T (+ C_{s,a} @ B.T), shape (c, n, r, V) per chunk.
+
+    Returns (total, log_q, log_first): total = sum_i log Q_i (the only differentiable output),
+    log_q (N,) per-position log Q and log_first (N,) the log CP marginal of the first token
+    (both detached).
+
+    Gradients (for one position, g = posterior responsibilities softmax_a(lw_a + sum_s lq_{s,a})):
+        d log Q / d z_{s,a,v} = g_a (1[v = x_s] - q_{s,a}(v)),   d log Q / d lw_a = g_a.
+    The upstream gradient of ``total`` is a scalar, so the gradients are computed chunk by chunk
+    in the forward (nothing of size V is kept) and only scaled in the backward.
+    """
+
+    @staticmethod
+    def forward(ctx, X, U, C, B, lw, targets, chunk: int, needs: tuple[bool, ...]):
+        need_X, need_U, need_C, need_B, need_lw = needs
+        any_grad = any(needs)
+        N, n, m, d = X.shape
+        r = lw.shape[-1]
+        V = U.shape[0]
+        structured = C is not None
+        dX = torch.empty_like(X) if need_X else None
+        dU = torch.zeros(V, d, dtype=torch.float32, device=U.device) if need_U else None
+        dC = torch.empty_like(C) if need_C else None
+        dB = torch.zeros_like(B, dtype=torch.float32) if need_B else None
+        dlw = torch.empty_like(lw) if need_lw else None
+        log_q = torch.empty(N, dtype=torch.float32, device=X.device)
+        log_first = torch.empty(N, dtype=torch.float32, device=X.device)
+        Ut = U.t()
+        for lo in range(0, N, chunk):
+            hi = min(N, lo + chunk)
+            c = hi - lo
+            Xc = X[lo:hi]
+            base = (Xc.reshape(c * n * m, d) @ Ut).view(c, n, m, V)
+            if structured:
+                e = C.shape[-1]
+                Cc = C[lo:hi]
+                z = (Cc.reshape(c * n * r, e) @ B.t()).view(c, n, r, V).float()
+                z += base  # (c, n, r, V), base broadcast over experts
+            else:
+                z = base.float()  # (c, n, r, V)
+            tgt = targets[lo:hi].view(c, n, 1, 1).expand(c, n, r, 1)
+            P = torch.softmax(z, dim=-1)  # (c, n, r, V) q_{s,a}: one fused kernel
+            pt = P.gather(-1, tgt).squeeze(-1)  # (c, n, r) q_{s,a}(x_s)
+            if bool((pt < _TINY).any()):  # log would lose precision: exact log-space fallback
+                lq = z.gather(-1, tgt).squeeze(-1) - torch.logsumexp(z, dim=-1)
+            else:
+                lq = pt.log()  # (c, n, r) log q_{s,a}(x_s)
+            del z
+            lwc = lw[lo:hi].float()  # (c, r)
+            ell = lwc + lq.sum(1)  # (c, r) log w_a + sum_s log q_{s,a}(x_s)
+            log_q[lo:hi] = torch.logsumexp(ell, dim=-1)
+            log_first[lo:hi] = torch.logsumexp(lwc + lq[:, 0], dim=-1)
+            if not any_grad:
+                continue
+            log_g = torch.log_softmax(ell, dim=-1)  # (c, r) log posterior responsibilities
+            g = log_g.exp()
+            if need_lw:
+                dlw[lo:hi] = g.to(dlw.dtype)
+            if not (need_X or need_U or need_C or need_B):
+                continue
+            # G = g_a (q_{s,a} - onehot(x_s)) = d(-log Q)/dz_{s,a}, built in place in P's storage
+            G = P.mul_(g.view(c, 1, r, 1))  # (c, n, r, V) g_a q_{s,a}
+            G.scatter_add_(-1, tgt, -g.view(c, 1, r, 1).expand(c, n, r, 1))
+            # gradient of the base logits: summed over experts first when they share the base
+            Gb = G.sum(2, keepdim=True) if (m == 1 and r > 1) else G  # (c, n, m, V)
+            Gb2 = Gb.reshape(c * n * m, V)
+            if need_X:
+                dX[lo:hi] = (Gb2 @ U.to(Gb2.dtype)).view(c, n, m, d).to(dX.dtype)
+            if need_U:
+                dU += (Gb2.t() @ Xc.reshape(c * n * m, d).to(Gb2.dtype)).float()
+            if structured and (need_C or need_B):
+                G2 = G.reshape(c * n * r, V)
+                if need_C:
+                    dC[lo:hi] = (G2 @ B.to(G2.dtype)).view(c, n, r, -1).to(dC.dtype)
+                if need_B:
+                    dB += (G2.t() @ Cc.reshape(c * n * r, -1).to(G2.dtype)).float()
+        ctx.grads = (dX, dU, dC, dB, dlw)
+        ctx.dtypes = (U.dtype, None if B is None else B.dtype)
+        ctx.mark_non_differentiable(log_q, log_first)
+        return log_q.sum(), log_q, log_first
+
+    @staticmethod
+    def backward(ctx, g_total, _g_q, _g_first):
+        dX, dU, dC, dB, dlw = ctx.grads
+        del ctx.grads
+
+        def scale(t, by, dtype=None):
+            if t is None:
+                return None
+            t = t * by.to(t.dtype)
+            return t if dtype is None else t.to(dtype)
+
+        # dX, dU, dC, dB hold gradients of -sum log Q, dlw the gradient of +sum log Q
+        neg = -g_total
+        return (scale(dX, neg), scale(dU, neg, ctx.dtypes[0]), scale(dC, neg),
+                scale(dB, neg, ctx.dtypes[1]), scale(dlw, g_total), None, None, None)
+
+
+@dataclass
+class HeadTerms:
+    """What the multi-token loss needs from the heads at N positions (see ``CPHeads.loss_terms``)."""
+
+    log_q_sum: torch.Tensor  # () sum over positions of log Q(x_1..x_n); carries the gradient
+    log_q: torch.Tensor  # (N,) per-position log Q(x_1..x_n), detached
+    log_first: torch.Tensor  # (N,) per-position log of the CP marginal of x_1, detached
+
+
+# ============================================================================ heads
+
+
+class CPHeads(nn.Module):
+    """Rank-r CP heads over the next n tokens, sharing the backbone's unembedding.
+
+    Args:
+        d_model: width d of the hidden states.
+        vocab_size: V.
+        n_future: n, the number of future tokens (position 1 is the next token).
+        rank: r, the number of experts (mixture components). Rank 1 has no gate.
+        unembedding: the (V, d) output matrix. An ``nn.Parameter`` is *shared*: it is used by
+            reference and not registered here (its owner, e.g. the backbone, registers, trains and
+            saves it). A plain tensor is stored as a fixed, non-persistent buffer.
+        expert_dim: None for the "full" structure (one transform per (position, expert)),
+            or e for the "structured" one (one transform per position + rank-e expert
+            corrections); see the module docstring for formulas and costs.
+        chunk_size: positions per chunk in the loss (None: sized so that one chunk's
+            (c, n, r, V) float32 logits take about 4 MiB, which measured fastest on CPU).
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        vocab_size: int,
+        n_future: int,
+        rank: int,
+        unembedding: nn.Parameter | torch.Tensor,
+        expert_dim: int | None = None,
+        chunk_size: int | None = None,
+    ):
+        super().__init__()
+        self.d_model = check_positive_int(d_model, "d_model")
+        self.vocab_size = check_positive_int(vocab_size, "vocab_size")
+        self.n_future = check_positive_int(n_future, "n_future")
+        self.rank = check_positive_int(rank, "rank")
+        if expert_dim is not None:
+            check_positive_int(expert_dim, "expert_dim")
+        self.expert_dim = expert_dim
+        if chunk_size is not None:
+            check_positive_int(chunk_size, "chunk_size")
+        self.chunk_size = chunk_size
+        if not isinstance(unembedding, torch.Tensor):
+            raise TypeError(f"unembedding must be a (V, d) tensor or nn.Parameter, got {type(unembedding).__name__}")
+        if tuple(unembedding.shape) != (vocab_size, d_model):
+            raise ValueError(
+                f"unembedding must have shape (vocab_size, d_model) = ({vocab_size}, {d_model}), "
+                f"got {tuple(unembedding.shape)}"
+            )
+        if isinstance(unembedding, nn.Parameter):
+            self.__dict__["_shared_unembedding"] = unembedding  # shared, not registered
+        else:
+            self.register_buffer("_fixed_unembedding", unembedding.detach().clone(), persistent=False)
+
+        n, r, d = n_future, rank, d_model
+        per_pos = n * r if expert_dim is None else n  # transforms that feed U
+        # transforms T(h) = h + silu(W h + b): all of them in one (per_pos * d, d) weight
+        self.transform_weight = nn.Parameter(torch.randn(per_pos * d, d) * 0.02)
+        self.transform_bias = nn.Parameter(torch.zeros(per_pos * d))
+        if expert_dim is not None:
+            e = expert_dim
+            # expert codes silu(A_{s,a} h + c_{s,a}) in one (n * r * e, d) weight, then B (V, e)
+            self.expert_in_weight = nn.Parameter(torch.randn(n * r * e, d) / math.sqrt(d))
+            self.expert_in_bias = nn.Parameter(torch.zeros(n * r * e))
+            self.expert_out = nn.Parameter(torch.randn(vocab_size, e) * 0.02)
+        # gate w = softmax(W_g h + b_g); zero init = uniform weights; absent for rank 1
+        self.gate = nn.Linear(d, r) if r > 1 else None
+        if self.gate is not None:
+            nn.init.zeros_(self.gate.weight)
+            nn.init.zeros_(self.gate.bias)
+
+    # ------------------------------------------------------------------ basics
+    @property
+    def unembedding(self) -> torch.Tensor:
+        """The shared (V, d) unembedding."""
+        u = self.__dict__.get("_shared_unembedding")
+        return u if u is not None else self._fixed_unembedding
+
+    @property
+    def structure(self) -> str:
+        """``"full"`` (expert_dim None) or ``"structured"``."""
+        return "full" if self.expert_dim is None else "structured"
+
+    def extra_repr(self) -> str:
+        return (f"d_model={self.d_model}, vocab_size={self.vocab_size}, n_future={self.n_future}, "
+                f"rank={self.rank}, structure={self.structure}, expert_dim={self.expert_dim}")
+
+    def num_params(self) -> int:
+        """Parameters owned by the heads (the shared unembedding not counted)."""
+        return sum(p.numel() for p in self.parameters())
+
+    def _chunk(self) -> int:
+        if self.chunk_size is not None:
+            return self.chunk_size
+        per = self.n_future * self.rank * self.vocab_size * 4
+        return max(1, _CHUNK_BYTES // per)
+
+    def _check_hidden(self, hidden, name: str = "hidden", dims: int | None = None) -> torch.Tensor:
+        if not isinstance(hidden, torch.Tensor) or not hidden.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor (..., d_model)")
+        if hidden.dim() < 1 or hidden.shape[-1] != self.d_model:
+            raise ValueError(f"{name} must have last dimension d_model={self.d_model}, got shape {tuple(hidden.shape)}")
+        if dims is not None and hidden.dim() != dims:
+            raise ValueError(f"{name} must have {dims} dimensions, got shape {tuple(hidden.shape)}")
+        return hidden
+
+    def _check_tokens(self, x, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor) or x.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"{name} must be an integer (int64) tensor of token ids")
+        if tuple(x.shape) != tuple(shape):
+            raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(x.shape)}")
+        if x.numel() and x.device.type == "cpu" and (int(x.min()) < 0 or int(x.max()) >= self.vocab_size):
+            raise ValueError(f"{name} holds token ids outside [0, {self.vocab_size})")
+        return x.long()
+
+    # ------------------------------------------------------------------ building blocks
+    def gate_log_probs(self, hidden: torch.Tensor) -> torch.Tensor:
+        """log gate weights (..., r) from hidden (..., d); zeros (..., 1) for rank 1."""
+        if self.gate is None:
+            return hidden.new_zeros(hidden.shape[:-1] + (1,))
+        return torch.log_softmax(self.gate(hidden).float(), dim=-1)
+
+    def gate_probs(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Gate weights w (..., r) from hidden (..., d) (what the load-balance loss sees)."""
+        return self.gate_log_probs(self._check_hidden(hidden)).exp()
+
+    def _features(self, h: torch.Tensor, n_pos: int | None = None):
+        """h (N, d) -> X (N, k, m, d) transformed states for U and C (N, k, r, e) or None.
+
+        Only the first ``k = n_pos`` positions are computed (one matmul each for the transforms
+        and the expert codes, on contiguous views of the weights: no copies).
+        """
+        n, r, d = self.n_future, self.rank, self.d_model
+        k = n if n_pos is None else n_pos
+        m = r if self.expert_dim is None else 1
+        W = self.transform_weight[: k * m * d]
+        b = self.transform_bias[: k * m * d]
+        X = h.unsqueeze(-2).unsqueeze(-2) + F.silu(F.linear(h, W, b)).view(-1, k, m, d)  # (N, k, m, d)
+        C = None
+        if self.expert_dim is not None:
+            e = self.expert_dim
+            A = self.expert_in_weight[: k * r * e]
+            c = self.expert_in_bias[: k * r * e]
+            C = F.silu(F.linear(h, A, c)).view(-1, k, r, e)  # (N, k, r, e)
+        return X, C
+
+    def _logits(self, X: torch.Tensor, C: torch.Tensor | None) -> torch.Tensor:
+        """Factor logits (N, k, r, V) from features (one matmul with U, one with B)."""
+        z = X @ self.unembedding.t().to(X.dtype)  # (N, k, m, V)
+        if C is not None:
+            z = z + C @ self.expert_out.t().to(C.dtype)  # (N, k, r, V)
+        return z.float()
+
+    def factor_logits(self, hidden: torch.Tensor, n_pos: int | None = None) -> torch.Tensor:
+        """Unnormalised factor logits (..., k, r, V) for the first ``n_pos`` (default n) positions."""
+        hidden = self._check_hidden(hidden)
+        lead = hidden.shape[:-1]
+        X, C = self._features(hidden.reshape(-1, self.d_model), n_pos)
+        z = self._logits(X, C)
+        return z.view(lead + z.shape[1:])
+
+    # ------------------------------------------------------------------ distributions
+    def forward(self, hidden: torch.Tensor) -> CPDist:
+        """The CP distribution at every hidden state: hidden (..., d) -> CPDist, batch shape (...).
+
+        Materialises (..., n, r, V) log factors: for analysis, widgets and tests. Training uses
+        :meth:`loss_terms`, decoding uses :meth:`draft`.
+        """
+        hidden = self._check_hidden(hidden)
+        lw = self.gate_log_probs(hidden)  # (..., r)
+        lf = torch.log_softmax(self.factor_logits(hidden), dim=-1)  # (..., n, r, V)
+        return CPDist(lw, lf)
+
+    def _chunk_log_probs(self, h: torch.Tensor, targets: torch.Tensor):
+        """Plain autograd for one chunk: h (c, d), targets (c, n) -> log Q (c,), log first (c,)."""
+        lw = self.gate_log_probs(h)  # (c, r)
+        X, C = self._features(h)
+        lf = torch.log_softmax(self._logits(X, C), dim=-1)  # (c, n, r, V)
+        r = self.rank
+        lq = lf.gather(-1, targets.unsqueeze(-1).unsqueeze(-1).expand(-1, -1, r, 1)).squeeze(-1)
+        log_q = torch.logsumexp(lw + lq.sum(1), dim=-1)
+        log_first = torch.logsumexp(lw + lq[:, 0], dim=-1)
+        return log_q, log_first
+
+    def _log_probs(self, hidden, targets, which: int) -> torch.Tensor:
+        hidden = self._check_hidden(hidden)
+        lead = hidden.shape[:-1]
+        h = hidden.reshape(-1, self.d_model)
+        tg = targets.reshape(-1, targets.shape[-1])
+        out = []
+        chunk = self._chunk()
+        use_ckpt = torch.is_grad_enabled() and h.shape[0] > chunk
+        for lo in range(0, h.shape[0], chunk):
+            hc, tc = h[lo : lo + chunk], tg[lo : lo + chunk]
+            if use_ckpt:
+                res = torch.utils.checkpoint.checkpoint(self._chunk_log_probs, hc, tc, use_reentrant=False)
+            else:
+                res = self._chunk_log_probs(hc, tc)
+            out.append(res[which])
+        return torch.cat(out).view(lead)
+
+    def joint_log_prob(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """log Q(targets) (...,) for hidden (..., d) and targets (..., n), differentiable per position.
+
+        Computed in chunks of positions; under autograd each chunk is checkpointed, so memory
+        stays at one chunk's (c, n, r, V) logits. Equals ``self(hidden).log_prob(targets)``.
+        """
+        hidden = self._check_hidden(hidden)
+        targets = self._check_tokens(targets, "targets", tuple(hidden.shape[:-1]) + (self.n_future,))
+        return self._log_probs(hidden, targets, 0)
+
+    def first_token_log_prob(self, hidden: torch.Tensor, first_tokens: torch.Tensor) -> torch.Tensor:
+        """log of the CP marginal of position 1, sum_a w_a q_{1,a}(x_1): hidden (..., d),
+        first_tokens (...) -> (...)."""
+        hidden = self._check_hidden(hidden)
+        first = self._check_tokens(first_tokens, "first_tokens", tuple(hidden.shape[:-1]))
+        lead = hidden.shape[:-1]
+        h = hidden.reshape(-1, self.d_model)
+        lw = self.gate_log_probs(h)  # (N, r)
+        lf = torch.log_softmax(self._logits(*self._features(h, 1))[:, 0], dim=-1)  # (N, r, V)
+        lq = lf.gather(-1, first.reshape(-1, 1, 1).expand(-1, self.rank, 1)).squeeze(-1)
+        return torch.logsumexp(lw + lq, dim=-1).view(lead)
+
+    def loss_terms(self, hidden: torch.Tensor, targets: torch.Tensor,
+                   log_gate: torch.Tensor | None = None) -> HeadTerms:
+        """The fused, chunked training computation at N positions.
+
+        hidden (N, d), targets (N, n), optional precomputed ``log_gate`` (N, r). Returns
+        :class:`HeadTerms`; only ``log_q_sum`` carries gradients (to hidden, the head parameters,
+        the unembedding and the gate), computed chunk by chunk without keeping any (N, n, r, V)
+        tensor.
+        """
+        hidden = self._check_hidden(hidden, dims=2)
+        N = hidden.shape[0]
+        targets = self._check_tokens(targets, "targets", (N, self.n_future))
+        lw = self.gate_log_probs(hidden) if log_gate is None else log_gate  # (N, r)
+        X, C = self._features(hidden)
+        U = self.unembedding
+        B = self.expert_out if self.expert_dim is not None else None
+        grad = torch.is_grad_enabled()
+        needs = (
+            grad and X.requires_grad,
+            grad and U.requires_grad,
+            grad and C is not None and C.requires_grad,
+            grad and B is not None and B.requires_grad,
+            grad and lw.requires_grad,
+        )
+        total, log_q, log_first = _FusedCPLogProb.apply(X, U, C, B, lw, targets, self._chunk(), needs)
+        return HeadTerms(total, log_q, log_first)
+
+    def draft(self, hidden: torch.Tensor, first_tokens: torch.Tensor, temperature: float,
+              n_draft: int | None = None) -> CPDist:
+        """The draft distribution of one decode step: CP over positions 2..k+1 given x_1.
+
+        hidden (B, d) at the last accepted position, first_tokens (B,) = x_1 chosen by the
+        backbone, ``temperature`` >= 0 (> 0: every factor is softmax(logits / T); 0: untempered,
+        for greedy drafting with ``.mode()``), ``n_draft`` = k drafts (default n - 1).
+
+        Equals ``self(hidden).tempered(T).condition(first_tokens[:, None])`` (restricted to the
+        first k drafted positions), but computes only positions 1..k+1 of one hidden state per
+        sequence, in one matmul for the transforms and one with U.
+        Returns a CPDist with batch shape (B,), n = k, log_weights = the posterior gate.
+        """
+        hidden = self._check_hidden(hidden, dims=2)
+        Bsz = hidden.shape[0]
+        first = self._check_tokens(first_tokens, "first_tokens", (Bsz,))
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+            raise TypeError(f"temperature must be a float, got {type(temperature).__name__}")
+        if not (temperature >= 0 and math.isfinite(temperature)):
+            raise ValueError(f"temperature must be a finite float >= 0, got {temperature}")
+        k = self.n_future - 1 if n_draft is None else n_draft
+        if self.n_future < 2:
+            raise ValueError("draft needs n_future >= 2 (there is nothing to draft after x_1)")
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= self.n_future - 1:
+            raise ValueError(f"n_draft must be an int in [1, {self.n_future - 1}], got {n_draft}")
+        z = self._logits(*self._features(hidden, k + 1))  # (B, k+1, r, V)
+        if temperature > 0 and temperature != 1.0:
+            z = z / temperature
+        lf = torch.log_softmax(z, dim=-1)  # (B, k+1, r, V)
+        lq1 = lf[:, 0].gather(-1, first.view(Bsz, 1, 1).expand(Bsz, self.rank, 1)).squeeze(-1)  # (B, r)
+        post = torch.log_softmax(self.gate_log_probs(hidden) + lq1, dim=-1)  # (B, r)
+        return CPDist(post, lf[:, 1:])
+
+
+# ============================================================================ the model
+
+
+def _check_head_positions(hp):
+    if hp is None:
+        return None
+    if isinstance(hp, bool) or not isinstance(hp, (int, float)):
+        raise TypeError(f"head_positions must be None, a float in (0, 1] or an int >= 1, got {type(hp).__name__}")
+    if isinstance(hp, float):
+        if not 0.0 < hp <= 1.0:
+            raise ValueError(f"head_positions as a fraction must be in (0, 1], got {hp}")
+    elif hp < 1:
+        raise ValueError(f"head_positions as a count must be >= 1, got {hp}")
+    return hp
+
+
+class MTPModel(nn.Module):
+    """A GPT backbone plus rank-r CP heads over the next ``n_future`` tokens.
+
+    Args:
+        config: the backbone's :class:`GPTConfig`.
+        n_future: n >= 1 future tokens modelled by the heads (position 1 = the next token).
+        rank: r >= 1 experts.
+        load_balance_coef: weight of the load-balancing loss in ``total``.
+        joint_weight: weight of ``joint_nll`` in ``total``.
+        expert_dim: head structure, see :class:`CPHeads` (None = full).
+        freeze_backbone: train only the heads (see :meth:`freeze_backbone`).
+        head_positions: positions per batch that the head loss uses *in training mode*: None =
+            all, a float f in (0, 1] = a uniformly random fraction f of the B*T positions, an
+            int k = k random positions. Drawn without replacement from a generator seeded with
+            ``seed``, so the head loss is an unbiased estimate of the all-positions loss and runs
+            are reproducible. Evaluation (``model.eval()``) always uses all positions.
+        seed: seed of the head-position sampler.
+        chunk_size: see :class:`CPHeads`.
+    """
+
+    def __init__(
+        self,
+        config: GPTConfig,
+        n_future: int,
+        rank: int,
+        load_balance_coef: float = 0.01,
+        joint_weight: float = 1.0,
+        expert_dim: int | None = None,
+        freeze_backbone: bool = False,
+        head_positions: float | int | None = None,
+        seed: int = 0,
+        chunk_size: int | None = None,
+    ):
+        super().__init__()
+        if not isinstance(config, GPTConfig):
+            raise TypeError(f"config must be a GPTConfig, got {type(config).__name__}")
+        check_positive_int(n_future, "n_future")
+        check_positive_int(rank, "rank")
+        for name, val in (("load_balance_coef", load_balance_coef), ("joint_weight", joint_weight)):
+            if isinstance(val, bool) or not isinstance(val, (int, float)) or not math.isfinite(val) or val < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {val!r}")
+        self.head_positions = _check_head_positions(head_positions)
+        self.n_future = n_future
+        self.rank = rank
+        self.load_balance_coef = float(load_balance_coef)
+        self.joint_weight = float(joint_weight)
+        self.expert_dim = expert_dim
+        self.seed = seed
+        self.backbone = GPT(config)
+        self.heads = CPHeads(config.n_embd, config.vocab_size, n_future, rank,
+                             self.backbone.unembedding, expert_dim=expert_dim, chunk_size=chunk_size)
+        self._sampler = torch.Generator().manual_seed(seed)
+        self._frozen = False
+        if freeze_backbone:
+            self.freeze_backbone()
+
+    # ------------------------------------------------------------------ basics
+    @property
+    def config(self) -> GPTConfig:
+        return self.backbone.config
+
+    @property
+    def backbone_frozen(self) -> bool:
+        return self._frozen
+
+    def head_kwargs(self) -> dict:
+        """Everything besides config, n_future and rank needed to rebuild this model."""
+        return dict(load_balance_coef=self.load_balance_coef, joint_weight=self.joint_weight,
+                    expert_dim=self.expert_dim, head_positions=self.head_positions, seed=self.seed,
+                    chunk_size=self.heads.chunk_size)
+
+    def freeze_backbone(self, frozen: bool = True) -> MTPModel:
+        """Freeze (or unfreeze) the backbone: its parameters (the shared unembedding included) get
+        ``requires_grad=False``, its forward runs under ``no_grad`` and in eval mode (no dropout),
+        so an optimizer step changes only the heads."""
+        self._frozen = bool(frozen)
+        for p in self.backbone.parameters():
+            p.requires_grad_(not self._frozen)
+        self.backbone.train(self.training and not self._frozen)
+        return self
+
+    def train(self, mode: bool = True) -> MTPModel:
+        super().train(mode)
+        if self._frozen:
+            self.backbone.eval()
+        return self
+
+    def head_parameters(self) -> list[nn.Parameter]:
+        return list(self.heads.parameters())
+
+    def forward(self, idx: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Same as :meth:`loss`."""
+        return self.loss(idx)
+
+    def hidden(self, idx: torch.Tensor, cache=None) -> torch.Tensor:
+        """Backbone hidden states (B, T, d) (under no_grad when the backbone is frozen)."""
+        if self._frozen:
+            with torch.no_grad():
+                return self.backbone(idx, cache)
+        return self.backbone(idx, cache)
+
+    def draft(self, hidden_last: torch.Tensor, first_tokens: torch.Tensor, temperature: float,
+              n_draft: int | None = None) -> CPDist:
+        """See :meth:`CPHeads.draft`."""
+        return self.heads.draft(hidden_last, first_tokens, temperature, n_draft)
+
+    # ------------------------------------------------------------------ loss
+    def _check_idx(self, idx) -> int:
+        if not isinstance(idx, torch.Tensor) or idx.dim() != 2:
+            shape = tuple(idx.shape) if isinstance(idx, torch.Tensor) else type(idx).__name__
+            raise ValueError(f"idx must be a (B, T + n_future) tensor of token ids, got {shape}")
+        if idx.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"idx must hold integer token ids, got dtype {idx.dtype}")
+        T = idx.shape[1] - self.n_future
+        if T < 1:
+            raise ValueError(
+                f"idx must hold T + n_future tokens with T >= 1 (n_future={self.n_future}), got {idx.shape[1]}"
+            )
+        if T > self.config.block_size:
+            raise ValueError(
+                f"idx is too long: {idx.shape[1]} tokens = T {T} + n_future {self.n_future}, but T must be "
+                f"<= block_size {self.config.block_size}; pass at most {self.config.block_size + self.n_future}"
+            )
+        return T
+
+    def _sample_positions(self, N: int, device) -> torch.Tensor | None:
+        hp = self.head_positions
+        if hp is None or not self.training:
+            return None
+        K = max(1, round(hp * N)) if isinstance(hp, float) else min(hp, N)
+        if K >= N:
+            return None
+        return torch.randperm(N, generator=self._sampler)[:K].to(device)
+
+    def loss(self, idx: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Multi-token losses on a batch ``idx`` (B, T + n): the first T tokens are the context.
+
+        Returns a dict of scalars (nats):
+            next_token_nll  mean over B*T of -log p(x_{t+1}) from the backbone's own head.
+            joint_nll       mean over positions of -log Q(x_{t+1..t+n}) / n: the CP joint's
+                            negative log-likelihood *per predicted token* (divided by n so it sits
+                            on the same scale as next_token_nll; multiply by n for nats per
+                            n-token window). For rank 1 it is the mean of the n heads' NLLs.
+            first_token_nll mean of -log sum_a w_a q_{1,a}(x_{t+1}), the CP marginal of x_{t+1}.
+            load_balance    r * sum_a u_a^2 with u_a the gate weight of expert a averaged over all
+                            B*T positions: 1 at uniform usage, r when one expert takes all.
+            expert_entropy  -sum_a u_a log u_a (log r at uniform usage, 0 when collapsed).
+            total           next_token_nll + joint_weight * joint_nll
+                            + load_balance_coef * load_balance.
+        In training mode with ``head_positions`` set, joint_nll and first_token_nll use a random
+        subset of positions (unbiased); load_balance always uses all positions (the gate is cheap).
+        """
+        T = self._check_idx(idx)
+        n, r = self.n_future, self.rank
+        hidden = self.hidden(idx[:, :T])  # (B, T, d)
+        B, _, d = hidden.shape
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self._frozen):
+            logits = self.backbone.logits(hidden)  # (B, T, V)
+            next_nll = F.cross_entropy(logits.reshape(B * T, -1).float(), idx[:, 1 : T + 1].reshape(-1))
+        targets = idx.unfold(1, n, 1)[:, 1 : T + 1].reshape(B * T, n)  # (B*T, n): x_{t+1..t+n}
+        h = hidden.reshape(B * T, d)
+        log_gate = self.heads.gate_log_probs(h)  # (B*T, r)
+        sel = self._sample_positions(B * T, idx.device)
+        if sel is not None:
+            terms = self.heads.loss_terms(h[sel], targets[sel], log_gate[sel])
+        else:
+            terms = self.heads.loss_terms(h, targets, log_gate)
+        K = terms.log_q.shape[0]
+        joint_nll = -terms.log_q_sum / (K * n)
+        first_nll = -terms.log_first.mean()
+        usage = log_gate.exp().mean(0)  # (r,)
+        load_balance = r * (usage**2).sum()
+        entropy = -(usage * usage.clamp_min(1e-30).log()).sum()
+        total = next_nll + self.joint_weight * joint_nll + self.load_balance_coef * load_balance
+        return dict(next_token_nll=next_nll, joint_nll=joint_nll, first_token_nll=first_nll,
+                    load_balance=load_balance, expert_entropy=entropy, total=total)
+
+    # ------------------------------------------------------------------ checkpoints
+    def save(self, path, tokenizer=None, metrics: dict | None = None, dtype: torch.dtype = torch.float32,
+             extra: dict | None = None) -> None:
+        """Write a checkpoint: config, n_future, rank, head kwargs, weights, tokenizer, metrics.
+
+        ``tokenizer``: an object with ``to_dict()`` or a dict (or None). ``dtype=torch.float16``
+        stores floating weights in half precision (small shipped checkpoints); :meth:`load`
+        converts them back to float32.
+        """
+        if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise ValueError(f"dtype must be torch.float32, torch.float16 or torch.bfloat16, got {dtype}")
+        if tokenizer is not None and not isinstance(tokenizer, dict):
+            if not hasattr(tokenizer, "to_dict"):
+                raise TypeError(f"tokenizer must have to_dict() or be a dict, got {type(tokenizer).__name__}")
+            tokenizer = tokenizer.to_dict()
+        state = {k: (v.detach().to("cpu", dtype) if v.is_floating_point() else v.detach().cpu())
+                 for k, v in self.state_dict().items()}
+        ckpt = dict(
+            format=CHECKPOINT_FORMAT,
+            format_version=CHECKPOINT_VERSION,
+            config=self.config.to_dict(),
+            n_future=self.n_future,
+            rank=self.rank,
+            head_kwargs=self.head_kwargs(),
+            dtype=str(dtype).removeprefix("torch."),
+            state_dict=state,
+            tokenizer=tokenizer,
+            metrics=dict(metrics or {}),
+            extra=dict(extra or {}),
+        )
+        path = os.fspath(path)
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        tmp = path + ".tmp"
+        torch.save(ckpt, tmp)
+        os.replace(tmp, path)
+
+    @staticmethod
+    def read_checkpoint(path) -> dict:
+        """Read and validate a checkpoint file into its dict (weights as stored). Raises
+        ValueError naming the file when it is missing, corrupt or not a cptoy MTP checkpoint."""
+        path = os.fspath(path)
+        if not os.path.isfile(path):
+            raise ValueError(f"checkpoint {path!r} does not exist")
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise ValueError(f"checkpoint {path!r} is corrupt or not a torch file: {type(exc).__name__}: {exc}") from exc
+        if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"checkpoint {path!r} is not a cptoy MTP checkpoint (no format={CHECKPOINT_FORMAT!r} entry)")
+        version = ckpt.get("format_version")
+        if not isinstance(version, int) or version > CHECKPOINT_VERSION:
+            raise ValueError(f"checkpoint {path!r} has format_version {version!r}; this cptoy reads <= {CHECKPOINT_VERSION}")
+        missing = [k for k in ("config", "n_future", "rank", "head_kwargs", "state_dict") if k not in ckpt]
+        if missing:
+            raise ValueError(f"checkpoint {path!r} lacks the entries {missing}")
+        return ckpt
+
+    @classmethod
+    def from_checkpoint_dict(cls, ckpt: dict, path: str = "<dict>") -> MTPModel:
+        """Build the model recorded in a checkpoint dict and load its weights (as float32)."""
+        try:
+            config = GPTConfig(**ckpt["config"])
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"checkpoint {path!r} has an invalid config {ckpt['config']!r}: {exc}") from exc
+        known = {"load_balance_coef", "joint_weight", "expert_dim", "head_positions", "seed", "chunk_size"}
+        kwargs = {k: v for k, v in ckpt["head_kwargs"].items() if k in known}
+        try:
+            model = cls(config, ckpt["n_future"], ckpt["rank"], **kwargs)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"checkpoint {path!r} records invalid head settings: {exc}") from exc
+        model.load_weights(ckpt["state_dict"], source=path)
+        return model
+
+    def load_weights(self, state: dict, source: str = "<state dict>", prefix: str = "") -> None:
+        """Load a (possibly half-precision) state dict, converting to this model's dtypes.
+
+        ``prefix`` restricts loading to keys starting with it (e.g. ``"backbone."``). A missing or
+        unexpected key or a shape mismatch raises ValueError naming ``source`` and the keys.
+        """
+        own = {k: v for k, v in self.state_dict().items() if k.startswith(prefix)}
+        theirs = {k: v for k, v in state.items() if k.startswith(prefix)}
+        missing = sorted(set(own) - set(theirs))
+        unexpected = sorted(set(theirs) - set(own))
+        shapes = {k: (tuple(theirs[k].shape), tuple(own[k].shape))
+                  for k in set(own) & set(theirs) if tuple(theirs[k].shape) != tuple(own[k].shape)}
+        if missing or unexpected or shapes:
+            parts = []
+            if missing:
+                parts.append(f"missing keys {missing[:8]}{' ...' if len(missing) > 8 else ''}")
+            if unexpected:
+                parts.append(f"unexpected keys {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
+            if shapes:
+                parts.append("shape mismatches " + ", ".join(
+                    f"{k}: stored {a} vs model {b}" for k, (a, b) in sorted(shapes.items())[:8]))
+            raise ValueError(
+                f"{source}: weights do not match the model (n_future={self.n_future}, rank={self.rank}, "
+                f"expert_dim={self.expert_dim}, config={self.config}): " + "; ".join(parts)
+            )
+        with torch.no_grad():
+            for k, v in own.items():
+                v.copy_(theirs[k].to(v.dtype))
+
+    @classmethod
+    def load(cls, path) -> MTPModel:
+        """Load a checkpoint written by :meth:`save` (weights in float32, on the CPU).
+
+        The checkpoint's tokenizer dict, metrics and extras are attached as ``model.tokenizer_dict``,
+        ``model.metrics`` and ``model.extra`` (``cptoy.train.load_checkpoint`` also rebuilds the
+        tokenizer)."""
+        path = os.fspath(path)
+        ckpt = cls.read_checkpoint(path)
+        model = cls.from_checkpoint_dict(ckpt, path)
+        model.tokenizer_dict = ckpt.get("tokenizer")
+        model.metrics = ckpt.get("metrics") or {}
+        model.extra = ckpt.get("extra") or {}
+        return model
+

@@ -1,0 +1,714 @@
+"""Real-browser tests: every notebook in JupyterLab, the Voilà lecture dashboard, bad input.
+
+Headless Debian ``chromium`` driven by Python ``playwright`` (never ``playwright install``):
+
+* each ``notebooks/*.ipynb`` (a temporary copy) is opened in ``jupyter-lab`` and run with
+  "Run All Cells"; no cell may fail, no traceback may reach the kernel's stderr, and every
+  widget output must render: each plotly ``FigureWidget`` of the panel is drawn with the data the
+  kernel holds, each slider and dropdown is there. Then every slider is moved with the keyboard
+  and every dropdown changed, and the rendered figures must change and match the kernel again.
+* the lecture dashboard is served with Voilà exactly as ``make present`` does: code hidden,
+  widgets rendered, a slider moves the figure.
+* bad input typed into a widget (rank above the maximum, not a number) and an invalid joint
+  fed to a live panel show a clear state or a ⚠ message in the page, never a traceback.
+
+Screenshots of every widget go to ``artifacts/browser/``. Servers and kernels are stopped by
+process id (process group, then every descendant) at the end, also on failure. The tests skip,
+with the reason, only when chromium or playwright is missing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+ARTIFACTS = ROOT / "artifacts" / "browser"
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
+BIN = Path(sys.executable).parent  # the environment's scripts (jupyter-lab)
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--disable-dev-shm-usage"]
+VIEWPORT = {"width": 1400, "height": 1800}  # tall: a whole panel fits in one screenshot
+
+SERVER_START_S = 90  # jupyter-lab / voila answering HTTP
+KERNEL_READY_S = 120  # notebook open and its kernel idle
+RUN_ALL_S = 420  # every cell of one notebook executed (the slowest notebook takes ~30 s here)
+RENDER_S = 90  # widgets drawn after the run
+CHANGE_S = 120  # a control's effect reaching the figure (may refit: first HALS sweep etc.)
+
+try:
+    from playwright.sync_api import sync_playwright
+except ImportError:  # pragma: no cover - depends on the environment
+    sync_playwright = None
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(sync_playwright is None,
+                       reason="playwright is not installed (pip install -e '.[dev]')"),
+    pytest.mark.skipif(CHROMIUM is None,
+                       reason="chromium is not installed (Debian: apt-get install chromium)"),
+]
+
+
+# ====================================================================== processes
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _children() -> dict[int, list[int]]:
+    """ppid -> pids of every process visible in /proc."""
+    kids: dict[int, list[int]] = {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            stat = (d / "stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        kids.setdefault(ppid, []).append(int(d.name))
+    return kids
+
+
+def _descendants(pid: int) -> list[int]:
+    kids, out, todo = _children(), [], [pid]
+    while todo:
+        for c in kids.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+class Server:
+    """A server process in its own session (started with ``start_new_session``), with a log.
+
+    ``stop`` records the server's descendants (kernels run in sessions of their own), sends
+    SIGTERM to the server's process group so it can shut its kernels down, then SIGKILLs, by
+    process id, whatever of the group and the recorded descendants is still alive.
+    """
+
+    def __init__(self, cmd: list[str], cwd: Path, env: dict, log: Path, url: str):
+        self.cmd, self.url, self.log = cmd, url, log
+        self._log_file = open(log, "w")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=self._log_file,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+
+    def wait_ready(self, path: str, timeout: float) -> bool:
+        """True once ``url + path`` answers HTTP (any status); False if the process died."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                return False
+            try:
+                urllib.request.urlopen(self.url + path, timeout=5).close()
+                return True
+            except urllib.error.HTTPError:
+                return True
+            except OSError:
+                time.sleep(0.25)
+        raise TimeoutError(f"{self.cmd[0]} did not answer within {timeout} s; log:\n"
+                           + self.log_text()[-3000:])
+
+    def log_text(self) -> str:
+        self._log_file.flush()
+        return self.log.read_text(errors="replace")
+
+    def stop(self) -> None:
+        pid = self.proc.pid
+        family = _descendants(pid)
+        if self.proc.poll() is None:
+            try:
+                os.killpg(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                pass
+        deadline = time.monotonic() + 5
+        while any(_alive(p) for p in family) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        for p in [pid, *family]:
+            for kill in (os.killpg, os.kill):  # a kernel leads its own process group
+                try:
+                    if kill is os.killpg and os.getpgid(p) != p:
+                        continue
+                    kill(p, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
+        if self.proc.poll() is None:
+            self.proc.wait(timeout=10)
+        self._log_file.close()
+
+
+def _start(make_cmd, cwd: Path, env: dict, log: Path, ready_path: str) -> Server:
+    """Start a server on a free loopback port, trying another port if that one was taken."""
+    for _ in range(3):
+        port = _free_port()
+        server = Server(make_cmd(port), cwd, env, log, f"http://127.0.0.1:{port}")
+        if server.wait_ready(ready_path, SERVER_START_S):
+            return server
+        server.stop()
+    raise RuntimeError(f"server did not start; log:\n{log.read_text(errors='replace')[-3000:]}")
+
+
+def _isolated_env(tmp: Path) -> dict:
+    """Environment that keeps Jupyter's config, settings, workspaces and runtime files in tmp."""
+    env = dict(os.environ)
+    for var, sub in [("JUPYTER_CONFIG_DIR", "config"), ("JUPYTER_DATA_DIR", "data"),
+                     ("JUPYTER_RUNTIME_DIR", "runtime"), ("JUPYTERLAB_WORKSPACES_DIR", "ws"),
+                     ("JUPYTERLAB_SETTINGS_DIR", "settings"), ("IPYTHONDIR", "ipython")]:
+        (tmp / sub).mkdir(parents=True, exist_ok=True)
+        env[var] = str(tmp / sub)
+    env["OMP_NUM_THREADS"] = "1"  # the kernels share 2 cores with the other pytest worker
+    env.pop("MPLBACKEND", None)
+    settings = {  # no news/update pop-ups; every cell stays in the DOM (no windowing)
+        "@jupyterlab/apputils-extension/notification":
+            {"fetchNews": "false", "checkForUpdates": False},
+        "@jupyterlab/notebook-extension/tracker": {"windowingMode": "none"},
+        "@jupyterlab/docmanager-extension/plugin": {"autosave": False},
+    }
+    for name, value in settings.items():
+        path = tmp / "settings" / f"{name}.jupyterlab-settings"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(value))
+    return env
+
+
+# ====================================================================== fixtures
+@pytest.fixture(scope="module")
+def browser():
+    pw = sync_playwright().start()
+    try:
+        b = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+    except Exception:
+        pw.stop()
+        raise
+    yield b
+    b.close()
+    pw.stop()
+
+
+@pytest.fixture(scope="module")
+def artifacts():
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    return ARTIFACTS
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory):
+    """jupyter-lab on a free loopback port, serving a temporary copy of notebooks/."""
+    tmp = tmp_path_factory.mktemp("lab")
+    nbdir = tmp / "notebooks"
+    shutil.copytree(ROOT / "notebooks", nbdir, ignore=shutil.ignore_patterns(".ipynb_checkpoints"))
+    env = _isolated_env(tmp)
+    root_flag = ["--allow-root"] if os.geteuid() == 0 else []
+
+    def cmd(port):
+        return [str(BIN / "jupyter-lab"), "--no-browser", f"--port={port}",
+                "--ServerApp.port_retries=0", "--ServerApp.token=", "--ServerApp.password=",
+                "--ServerApp.ip=127.0.0.1", f"--notebook-dir={nbdir}", "--expose-app-in-browser",
+                "--LabApp.news_url=None",
+                "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate", *root_flag]
+
+    server = _start(cmd, tmp, env, tmp / "lab.log", "/api/status")
+    server.nbdir = nbdir
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+class PageLog:
+    """What a page did wrong: uncaught JS errors, and requests that left the machine."""
+
+    def __init__(self, page):
+        self.page_errors: list[str] = []
+        self.external: list[str] = []
+        page.on("pageerror", lambda e: self.page_errors.append(str(e)))
+
+        def route(r):
+            host = re.match(r"^[a-z]+://([^/:]+)", r.request.url)
+            if host and host.group(1) not in ("127.0.0.1", "localhost"):
+                self.external.append(r.request.url)
+                r.abort()  # nothing may be downloaded; the page must work without it
+            else:
+                r.continue_()
+
+        page.route("**/*", route)
+
+
+@pytest.fixture
+def page(browser):
+    context = browser.new_context(viewport=VIEWPORT, device_scale_factor=1)
+    pg = context.new_page()
+    pg.set_default_timeout(60_000)
+    pg.cptoy_log = PageLog(pg)
+    yield pg
+    context.close()
+
+
+# ====================================================================== JupyterLab helpers
+_JS_FLAT = """
+function flat(x, out) {
+  if (x === null || x === undefined || typeof x === 'string') return out;
+  if (typeof x === 'number') { if (isFinite(x)) out.push(x); return out; }
+  if (Array.isArray(x) || ArrayBuffer.isView(x)) { for (const e of x) flat(e, out); }
+  return out;
+}
+function fingerprint(node) {
+  return Array.from(node.querySelectorAll('.js-plotly-plot')).map(gd => (gd.data || []).map(
+    t => ['x', 'y', 'z'].map(a => { const v = flat(t[a], []);
+      return [v.length, v.reduce((s, e) => s + Math.abs(e), 0)]; })));
+}
+"""
+
+JS_OPEN = """async (path) => {
+  const app = window.jupyterapp;
+  await app.started; await app.restored;
+  const panel = await app.commands.execute('docmanager:open', {path, factory: 'Notebook'});
+  await panel.context.ready; await panel.sessionContext.ready;
+  app.shell.activateById(panel.id);
+  app.shell.collapseLeft(); app.shell.collapseRight();  // the notebook gets the whole width
+  window.__nb = panel;
+  window.__kernelErrors = [];
+  panel.sessionContext.session.kernel.iopubMessage.connect((_, msg) => {
+    const t = msg.header.msg_type, c = msg.content;
+    if (t === 'error') window.__kernelErrors.push(c.ename + ': ' + c.evalue);
+    if (t === 'stream' && c.name === 'stderr' && /Traceback/.test(c.text))
+      window.__kernelErrors.push(c.text);
+  });
+  return true;
+}"""
+
+JS_KERNEL_IDLE = """() => { const s = window.__nb && window.__nb.sessionContext.session;
+  return !!(s && s.kernel && s.kernel.status === 'idle'); }"""
+
+JS_RUN_DONE = """() => {
+  const nb = window.__nb, k = nb.sessionContext.session.kernel;
+  const cells = nb.content.widgets.filter(
+    c => c.model.type === 'code' && c.model.sharedModel.getSource().trim());
+  const err = cells.some(c => c.model.outputs.toJSON().some(o => o.output_type === 'error'));
+  return k.status === 'idle' && (err || cells.every(c => c.model.executionCount !== null));
+}"""
+
+JS_OUTPUTS = """() => {
+  // every code cell's outputs; widget-view outputs get data-cptoy-widget="k" on their node
+  const res = []; let k = 0;
+  window.__nb.content.widgets.forEach((c, i) => {
+    if (c.model.type !== 'code') return;
+    const outs = c.model.outputs.toJSON();
+    outs.forEach((o, j) => {
+      const item = {cell: i, type: o.output_type, name: o.name || '',
+                    text: (o.text || '') + (o.traceback ? o.traceback.join('\\n') : ''),
+                    ename: o.ename || '', evalue: o.evalue || ''};
+      const view = o.data && o.data['application/vnd.jupyter.widget-view+json'];
+      if (view) {
+        item.model_id = view.model_id; item.widget = k;
+        const child = c.outputArea.widgets[j];
+        if (child) child.node.setAttribute('data-cptoy-widget', String(k));
+        k += 1;
+      }
+      res.push(item);
+    });
+  });
+  return res;
+}"""
+
+JS_EXECUTE = """async (code) => {
+  // run code in the notebook's kernel without touching the notebook; returns its stdout
+  const k = window.__nb.sessionContext.session.kernel;
+  let out = '';
+  const f = k.requestExecute({code, silent: false, store_history: false});
+  f.onIOPub = msg => {
+    if (msg.header.msg_type === 'stream') out += msg.content.text;
+    if (msg.header.msg_type === 'error') out += 'KERNEL ERROR ' + msg.content.ename + ': '
+                                                + msg.content.evalue;
+  };
+  await f.done;
+  return out;
+}"""
+
+# what the kernel holds for the displayed widgets (walked through .children, depth first =
+# the order of the DOM): per plotly figure the (count, sum |v|) of every trace's x, y, z
+PROBE = r"""
+def _cptoy_probe(ids):
+    import json
+    import math
+
+    import numpy as np
+    from ipywidgets import Widget
+    from ipywidgets.widgets.widget import _instances
+
+    def walk(w):
+        yield w
+        for c in getattr(w, "children", None) or ():
+            if isinstance(c, Widget):
+                yield from walk(c)
+
+    def numbers(x):
+        if x is None or isinstance(x, str):
+            return []
+        try:
+            a = np.asarray(x, dtype=float).ravel()
+        except (TypeError, ValueError):
+            return [v for e in x for v in numbers(e)]
+        return [float(v) for v in a if math.isfinite(v)]
+
+    res = []
+    for mid in ids:
+        w = _instances.get(mid)
+        info = dict(found=w is not None, figures=[], sliders=[], dropdowns=[], kinds=[])
+        for c in walk(w) if w is not None else ():
+            name = type(c).__name__
+            info["kinds"].append(name)
+            if type(c).__module__.startswith("plotly") and hasattr(c, "data"):
+                info["figures"].append([[[len(v), sum(abs(e) for e in v)]
+                                         for v in (numbers(getattr(t, a, None))
+                                                   for a in ("x", "y", "z"))]
+                                        for t in c.data])
+            elif name.endswith("Slider"):
+                info["sliders"].append(dict(name=name, value=c.value, min=c.min, max=c.max,
+                                            disabled=c.disabled, range="Range" in name
+                                            or "Selection" in name))
+            elif name == "Dropdown":
+                info["dropdowns"].append(dict(n=len(c.options), index=c.index,
+                                              disabled=c.disabled))
+        res.append(info)
+    print(json.dumps(res))
+
+
+_cptoy_probe(IDS)
+del _cptoy_probe
+"""
+
+
+def kernel_exec(page, code: str) -> str:
+    return page.evaluate(JS_EXECUTE, code)
+
+
+def probe(page, model_ids: list[str]) -> list[dict]:
+    out = kernel_exec(page, PROBE.replace("IDS", json.dumps(model_ids)))
+    assert "KERNEL ERROR" not in out, out
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def fingerprint(locator) -> list:
+    """(count, sum |v|) of x, y, z of every trace of every plotly figure under ``locator``."""
+    return locator.evaluate(f"node => {{ {_JS_FLAT} return fingerprint(node); }}")
+
+
+def html_texts(locator) -> list[str]:
+    """The text of the HTML/label widgets under ``locator`` (status lines, token text)."""
+    return locator.evaluate("node => Array.from(node.querySelectorAll("
+                            "'.widget-html-content, .widget-label-basic')).map(e => e.innerText)")
+
+
+def same_figures(a: list, b: list, rel: float = 1e-6) -> bool:
+    """Fingerprints equal: same shapes and counts, sums equal to ``rel``."""
+    if len(a) != len(b):
+        return False
+    for fa, fb in zip(a, b, strict=True):
+        if len(fa) != len(fb):
+            return False
+        for ta, tb in zip(fa, fb, strict=True):
+            for (na, sa), (nb, sb) in zip(ta, tb, strict=True):
+                if na != nb or abs(sa - sb) > rel * max(1.0, abs(sa), abs(sb)):
+                    return False
+    return True
+
+
+def wait_for(check, timeout: float, what: str, interval: float = 0.25):
+    """Poll ``check()`` until it returns a truthy value; fail with ``what`` after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
+
+
+def open_and_run(page, lab, name: str) -> list[dict]:
+    """Open notebook ``name`` in JupyterLab, Run All Cells, wait; returns its outputs."""
+    page.goto(lab.url + "/lab", wait_until="domcontentloaded")
+    page.wait_for_function("() => window.jupyterapp !== undefined", timeout=KERNEL_READY_S * 1000)
+    page.evaluate(JS_OPEN, name)
+    page.wait_for_function(JS_KERNEL_IDLE, timeout=KERNEL_READY_S * 1000, polling=250)
+    page.evaluate("() => window.jupyterapp.commands.execute('notebook:run-all-cells')")
+    page.wait_for_function(JS_RUN_DONE, timeout=RUN_ALL_S * 1000, polling=500)
+    return page.evaluate(JS_OUTPUTS)
+
+
+def screenshot(node, path: Path) -> None:
+    """Screenshot of one widget output, scrolled to the top of the notebook's view first."""
+    node.evaluate("n => n.scrollIntoView({block: 'start'})")
+    time.sleep(0.3)  # let plotly finish a resize triggered by the scroll
+    node.screenshot(path=str(path))
+
+
+def assert_no_errors(page, outputs: list[dict], server: Server, log_start: int, where: str):
+    """No error output, no traceback on stderr, in the kernel's messages or in the server log."""
+    errors = [f"cell {o['cell']}: {o['ename']}: {o['evalue']}" for o in outputs
+              if o["type"] == "error"]
+    errors += [f"cell {o['cell']} stderr: {o['text'][-800:]}" for o in outputs
+               if o["type"] == "stream" and o["name"] == "stderr" and "Traceback" in o["text"]]
+    assert not errors, f"{where}: error outputs:\n" + "\n".join(errors)
+    dom = page.locator('.jp-OutputArea-output[data-mime-type="application/vnd.jupyter.stderr"]')
+    tracebacks = [t for t in dom.all_inner_texts() if "Traceback" in t]
+    assert not tracebacks, f"{where}: traceback shown in the page:\n{tracebacks[0][-800:]}"
+    kernel_errors = page.evaluate("() => window.__kernelErrors")
+    assert not kernel_errors, f"{where}: the kernel reported errors:\n" + "\n".join(kernel_errors)
+    log = server.log_text()[log_start:]  # callbacks' tracebacks end up in the kernel's stderr
+    assert "Traceback" not in log, f"{where}: traceback in the server log:\n{log[-3000:]}"
+    assert not page.cptoy_log.page_errors, f"{where}: JS errors: {page.cptoy_log.page_errors}"
+
+
+def assert_rendered(page, node, info: dict, where: str) -> None:
+    """The widget output ``node`` shows every control and figure the kernel holds for it."""
+    assert info["found"], f"{where}: the kernel does not know the displayed widget"
+    wait_for(lambda: node.locator(".jupyter-widgets").count() > 0, RENDER_S,
+             f"{where}: widget view to render")
+    text = node.inner_text()
+    assert "Error displaying widget" not in text and "Traceback" not in text, f"{where}: {text}"
+    n_fig = len(info["figures"])
+    wait_for(lambda: node.locator(".js-plotly-plot .main-svg").count() >= n_fig, RENDER_S,
+             f"{where}: {n_fig} plotly figures to draw")
+    assert node.locator(".js-plotly-plot").count() == n_fig, where
+    assert node.locator(".widget-slider").count() == len(info["sliders"]), where
+    assert node.locator(".widget-dropdown").count() == len(info["dropdowns"]), where
+    for k in range(n_fig):
+        box = node.locator(".js-plotly-plot").nth(k).bounding_box()
+        assert box and box["width"] > 100 and box["height"] > 100, f"{where}: figure {k} {box}"
+    # the figures show what the kernel holds (not the data they were built with)
+    wait_for(lambda: same_figures(fingerprint(node), info["figures"]), RENDER_S,
+             f"{where}: rendered figures to match the kernel's {info['kinds']}")
+
+
+def settle(page, node, model_id: str, where: str) -> dict:
+    """Wait for the kernel to go idle and the figures to match it again; the kernel's state."""
+    page.wait_for_function(JS_KERNEL_IDLE, timeout=CHANGE_S * 1000, polling=250)
+    info = probe(page, [model_id])[0]
+    wait_for(lambda: same_figures(fingerprint(node), info["figures"]), RENDER_S,
+             f"{where}: figures to match the kernel after the change")
+    return info
+
+
+def exercise_controls(page, node, model_id: str, info: dict, where: str) -> list[str]:
+    """Move every slider (keyboard) and change every dropdown; each must change the page.
+
+    Returns descriptions of the controls whose change reached a figure."""
+    moved_figure = []
+    controls = [("slider", i, s) for i, s in enumerate(info["sliders"])
+                if not s["disabled"] and not s["range"] and s["max"] > s["min"]]
+    controls += [("dropdown", i, d) for i, d in enumerate(info["dropdowns"])
+                 if not d["disabled"] and d["n"] > 1]
+    for kind, i, c in controls:
+        label = f"{where}: {kind} {i}"
+        figs, texts = fingerprint(node), html_texts(node)
+        if kind == "slider":
+            handle = node.locator(".widget-slider").nth(i).locator(".noUi-handle")
+            handle.focus()
+            page.keyboard.press("ArrowRight" if c["value"] < c["max"] else "ArrowLeft")
+        else:
+            new = ((c["index"] or 0) + 1) % c["n"]
+            node.locator(".widget-dropdown").nth(i).locator("select").select_option(index=new)
+        wait_for(lambda f=figs, t=texts: (not same_figures(fingerprint(node), f)
+                                          or html_texts(node) != t),
+                 CHANGE_S, f"{label} to change the rendered panel")
+        after = settle(page, node, model_id, label)
+        if kind == "slider":
+            assert after["sliders"][i]["value"] != c["value"], f"{label}: kernel value unchanged"
+        else:
+            assert after["dropdowns"][i]["index"] != c["index"], f"{label}: kernel index unchanged"
+        if not same_figures(fingerprint(node), figs):
+            moved_figure.append(label)
+        info = after
+    if info["figures"] and controls:
+        assert moved_figure, f"{where}: no control changed a figure"
+    return moved_figure
+
+
+# ====================================================================== tests
+def test_notebooks_are_found():
+    assert NOTEBOOKS, "no notebooks/*.ipynb"
+
+
+@pytest.mark.parametrize("notebook", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_notebook_runs_and_its_widgets_render_and_respond(page, lab, artifacts, notebook):
+    where = notebook.name
+    log_start = len(lab.log_text())
+    outputs = open_and_run(page, lab, notebook.name)
+    assert_no_errors(page, outputs, lab, log_start, where)
+    code_cells = {o["cell"] for o in outputs}
+    assert code_cells, f"{where}: no outputs at all"
+
+    widgets = [o for o in outputs if "model_id" in o]
+    infos = probe(page, [o["model_id"] for o in widgets]) if widgets else []
+    for o, info in zip(widgets, infos, strict=True):
+        w = f"{where} widget {o['widget']} (cell {o['cell']})"
+        node = page.locator(f'[data-cptoy-widget="{o["widget"]}"]')
+        assert_rendered(page, node, info, w)
+        screenshot(node, artifacts / f"{notebook.stem}_widget{o['widget']}.png")
+        exercise_controls(page, node, o["model_id"], info, w)
+        screenshot(node, artifacts / f"{notebook.stem}_widget{o['widget']}_moved.png")
+    # the interactions left no error behind either
+    assert_no_errors(page, page.evaluate(JS_OUTPUTS), lab, log_start, where + " (after moves)")
+    assert not page.cptoy_log.external, f"{where}: requests left the machine"
+
+
+# ---------------------------------------------------------------------- bad input
+ROBUSTNESS_NOTEBOOK = {
+    "cells": [
+        {"cell_type": "code", "metadata": {}, "outputs": [], "execution_count": None,
+         "source": "from cptoy.joint import HMM\nfrom cptoy.widgets import cp_explorer"},
+        {"cell_type": "code", "metadata": {}, "outputs": [], "execution_count": None,
+         "source": "ex = cp_explorer(HMM(3, 5, stickiness=0.9, seed=1).joint(3), max_rank=3,"
+                   " n_iter=50, seed=0)\nex"},
+    ],
+    "metadata": {"kernelspec": {"display_name": "Python 3 (ipykernel)", "language": "python",
+                                "name": "python3"}},
+    "nbformat": 4, "nbformat_minor": 4,
+}
+
+
+def _type_into(page, locator, text: str) -> None:
+    locator.click()
+    page.keyboard.press("Control+A")
+    page.keyboard.type(text)
+    page.keyboard.press("Enter")
+
+
+def test_bad_input_shows_a_clear_state_or_message_never_a_traceback(page, lab, artifacts):
+    name = "_robustness.ipynb"  # written into the server's temporary copy only
+    (lab.nbdir / name).write_text(json.dumps(ROBUSTNESS_NOTEBOOK))
+    log_start = len(lab.log_text())
+    outputs = open_and_run(page, lab, name)
+    assert_no_errors(page, outputs, lab, log_start, name)
+    (o,) = [o for o in outputs if "model_id" in o]
+    node = page.locator(f'[data-cptoy-widget="{o["widget"]}"]')
+    info = probe(page, [o["model_id"]])[0]
+    assert_rendered(page, node, info, name)
+    assert info["sliders"][0]["max"] == 3
+    readout = node.locator(".widget-slider .widget-readout")
+
+    def status() -> str:
+        return "\n".join(html_texts(node))
+
+    # 1. a rank above the fitted maximum typed into the slider's box: shown at the maximum
+    figs = fingerprint(node)
+    _type_into(page, readout, "99")
+    wait_for(lambda: not same_figures(fingerprint(node), figs), CHANGE_S, "rank 99 to apply")
+    info = settle(page, node, o["model_id"], "rank 99")
+    assert info["sliders"][0]["value"] == 3
+    assert readout.inner_text().strip() == "3"
+    assert "rank 3" in status() and "⚠" not in status(), status()
+
+    # 2. not a number: the box goes back to the current rank, nothing else happens
+    _type_into(page, readout, "abc")
+    wait_for(lambda: readout.inner_text().strip() == "3", RENDER_S, "the readout to revert")
+    time.sleep(1.0)
+    assert probe(page, [o["model_id"]])[0]["sliders"][0]["value"] == 3
+    assert "⚠" not in status(), status()
+
+    # 3. an invalid joint fed to the live panel (no longer sums to 1), then the slider moved:
+    #    a ⚠ message in the panel, no traceback anywhere
+    assert "KERNEL ERROR" not in kernel_exec(page, "ex.P = ex.P * 2")
+    node.locator(".widget-slider .noUi-handle").focus()
+    page.keyboard.press("ArrowLeft")
+    wait_for(lambda: "⚠" in status(), CHANGE_S, "a ⚠ message for the invalid joint")
+    assert "sum to 1" in status(), status()
+    screenshot(node, artifacts / "robustness_invalid_joint.png")
+    assert_no_errors(page, page.evaluate(JS_OUTPUTS), lab, log_start, name + " (after input)")
+
+
+# ---------------------------------------------------------------------- Voilà lecture mode
+def _panel_cells(notebook: Path) -> int:
+    """Code cells of the dashboard tagged "panel" (each displays one widget panel)."""
+    nb = json.loads(notebook.read_text())
+    return sum("panel" in c.get("metadata", {}).get("tags", []) for c in nb["cells"])
+
+
+@pytest.fixture(scope="module")
+def voila(tmp_path_factory):
+    """Voilà serving the lecture dashboard with the command ``make present`` runs."""
+    from cptoy.present import DASHBOARD, voila_command
+
+    tmp = tmp_path_factory.mktemp("voila")
+    env = _isolated_env(tmp)
+    server = _start(lambda port: voila_command(port=port), DASHBOARD.parent, env,
+                    tmp / "voila.log", "/voila/static/")  # a 404 there: up, no kernel started
+    server.dashboard = DASHBOARD
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def test_voila_lecture_dashboard_hides_code_renders_and_responds(page, voila, artifacts):
+    expected = _panel_cells(voila.dashboard)
+    assert expected >= 2, "the dashboard should tag its widget cells with 'panel'"
+    page.goto(voila.url + "/", wait_until="commit", timeout=SERVER_START_S * 1000)
+    panels = page.locator(".jp-OutputArea-output:not(.jupyter-widgets .jp-OutputArea-output)"
+                          ).filter(has=page.locator(".jupyter-widgets"))
+    wait_for(lambda: panels.count() >= expected, RUN_ALL_S, f"{expected} panels in Voilà")
+    page.wait_for_load_state("load", timeout=RUN_ALL_S * 1000)
+    assert panels.count() == expected
+
+    body = page.inner_text("body")
+    for bad in ("Traceback", "There was an error", "Error displaying widget"):
+        assert bad not in body, f"{bad!r} on the dashboard:\n{body[:2000]}"
+    source = "".join("".join(c["source"]) for c in json.loads(voila.dashboard.read_text())["cells"]
+                     if c["cell_type"] == "code")
+    for line in (s.strip() for s in source.splitlines()):
+        if len(line) > 12 and not line.startswith("#") and "<" not in line:
+            assert line not in body, f"code is visible in Voilà: {line!r}"
+    assert page.locator(".jp-InputArea-editor").count() == 0, "input cells are shown"
+
+    for k in range(expected):
+        node = panels.nth(k)
+        where = f"voila panel {k}"
+        n_fig = node.locator(".js-plotly-plot").count()
+        wait_for(lambda n=node, m=n_fig: n.locator(".js-plotly-plot .main-svg").count() >= m,
+                 RENDER_S, f"{where}: figures to draw")
+        # every figure shows data (not the zeros it was created with)
+        wait_for(lambda n=node: all(any(s > 0 for t in f for _, s in t) for f in fingerprint(n)),
+                 RENDER_S, f"{where}: figures to show their data")
+        node.scroll_into_view_if_needed()
+        node.screenshot(path=str(artifacts / f"voila_panel{k}.png"))
+        if node.locator(".widget-slider").count():
+            figs = fingerprint(node)
+            node.locator(".widget-slider .noUi-handle").first.focus()
+            page.keyboard.press("ArrowRight")
+            wait_for(lambda n=node, f=figs: not same_figures(fingerprint(n), f), CHANGE_S,
+                     f"{where}: the slider to change the figure")
+            time.sleep(0.5)
+            node.screenshot(path=str(artifacts / f"voila_panel{k}_moved.png"))
+    page.screenshot(path=str(artifacts / "voila_dashboard.png"), full_page=True)
+    assert not page.cptoy_log.page_errors, page.cptoy_log.page_errors
+    assert "Traceback" not in voila.log_text(), voila.log_text()[-3000:]
