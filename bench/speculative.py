@@ -192,6 +192,15 @@ def targets(tf_best: dict, walls: dict, costs: dict, cfg) -> list[str]:
         spec = [r for r in rows if r.strategy == "self-spec"]
         if not spec:
             continue
+        at_n = [r for r in spec if r.n_draft + 1 == hn]
+        if at_n:
+            t = max(at_n, key=lambda r: r.tokens_per_forward)
+            out.append(
+                f"- {corpus}, decoding at T={T:g}, n={hn}: best tokens/forward "
+                f"{t.tokens_per_forward:.2f} ({t.model.split(': ')[1]}; target >= 3.0: "
+                + ("met" if t.tokens_per_forward >= 3.0
+                   else f"missed by {3.0 - t.tokens_per_forward:.2f}")
+                + f"), repeated 4-grams {t.repetition:.2f}")
         b = max(spec, key=lambda r: r.speedup)
         k = b.n_draft + 1
         rank = int(re.search(r"rank (\d+)", b.model).group(1))

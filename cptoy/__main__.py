@@ -41,18 +41,30 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train a GPT + CP heads (or only heads on a frozen backbone)")
     t.add_argument("--corpus", choices=["code", "shakespeare", "hmm"], required=True)
-    t.add_argument("--tokenizer", choices=["byte", "bpe"], default="byte",
-                   help="ignored for hmm (already token ids)")
+    t.add_argument(
+        "--tokenizer",
+        choices=["byte", "bpe"],
+        default="byte",
+        help="ignored for hmm (already token ids)",
+    )
     t.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary size")
     t.add_argument("--max-bytes", type=int, default=None, help="cap on the corpus size")
     t.add_argument("--rank", type=int, required=True)
     t.add_argument("--n-future", type=int, required=True)
     t.add_argument("--preset", default="toy", help="GPTConfig preset: tiny, toy, small, gpt2")
     t.add_argument("--block-size", type=int, default=None, help="override the preset's block size")
-    t.add_argument("--expert-dim", type=int, default=None,
-                   help="structured heads with rank-e expert corrections (default: full heads)")
-    t.add_argument("--head-positions", type=_head_positions, default=None,
-                   help="positions per batch for the head loss: a fraction (0.25) or a count (64)")
+    t.add_argument(
+        "--expert-dim",
+        type=int,
+        default=None,
+        help="structured heads with rank-e expert corrections (default: full heads)",
+    )
+    t.add_argument(
+        "--head-positions",
+        type=_head_positions,
+        default=None,
+        help="positions per batch for the head loss: a fraction (0.25) or a count (64)",
+    )
     t.add_argument("--load-balance-coef", type=float, default=0.01)
     t.add_argument("--joint-weight", type=float, default=1.0)
     t.add_argument("--minutes", type=_positive_float, default=None)
@@ -65,8 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--device", default="auto")
     t.add_argument("--freeze-backbone", action="store_true", help="train only the heads")
-    t.add_argument("--init", default=None, metavar="CKPT",
-                   help="start the backbone from this checkpoint (its tokenizer and config are used)")
+    t.add_argument(
+        "--init",
+        default=None,
+        metavar="CKPT",
+        help="start the backbone from this checkpoint (its tokenizer and config are used)",
+    )
     t.add_argument("--half", action="store_true", help="save weights in float16")
     t.add_argument("--no-progress", action="store_true")
     t.add_argument("--out", required=True, help="checkpoint path to write")
@@ -115,34 +131,67 @@ def cmd_train(args) -> int:
     if corpus.is_text:
         bpt = len(corpus.val.encode("utf-8")) / max(1, corpus.val_ids.numel())
 
-    model = MTPModel(config, args.n_future, args.rank, load_balance_coef=args.load_balance_coef,
-                     joint_weight=args.joint_weight, expert_dim=args.expert_dim,
-                     head_positions=args.head_positions, seed=args.seed)
+    model = MTPModel(
+        config,
+        args.n_future,
+        args.rank,
+        load_balance_coef=args.load_balance_coef,
+        joint_weight=args.joint_weight,
+        expert_dim=args.expert_dim,
+        head_positions=args.head_positions,
+        seed=args.seed,
+    )
     if args.init is not None:
         init_backbone(model, args.init)
     if args.freeze_backbone:
         model.freeze_backbone()
-    cfg = TrainConfig(steps=args.steps, minutes=args.minutes, batch_size=args.batch_size,
-                      block_size=args.block_size, lr=args.lr,
-                      min_lr=args.lr / 10, warmup=args.warmup, eval_every=args.eval_every,
-                      eval_batches=args.eval_batches, seed=args.seed, device=args.device,
-                      bytes_per_token=bpt)
-    print(f"{corpus!r}; {config}; heads: n={args.n_future} r={args.rank} "
-          f"{model.heads.structure} ({model.heads.num_params():,} head params); "
-          f"{'frozen backbone' if args.freeze_backbone else 'training everything'}")
+    cfg = TrainConfig(
+        steps=args.steps,
+        minutes=args.minutes,
+        batch_size=args.batch_size,
+        block_size=args.block_size,
+        lr=args.lr,
+        min_lr=args.lr / 10,
+        warmup=args.warmup,
+        eval_every=args.eval_every,
+        eval_batches=args.eval_batches,
+        seed=args.seed,
+        device=args.device,
+        bytes_per_token=bpt,
+    )
+    print(
+        f"{corpus!r}; {config}; heads: n={args.n_future} r={args.rank} "
+        f"{model.heads.structure} ({model.heads.num_params():,} head params); "
+        f"{'frozen backbone' if args.freeze_backbone else 'training everything'}"
+    )
     hist = train(model, corpus.train_ids, corpus.val_ids, cfg, progress=not args.no_progress)
     model.to("cpu")
     final = evaluate_loss(model, corpus.val_ids, cfg.batch_size, cfg.block_size, 32, bpt)
-    metrics = dict(val=final, steps=hist["steps"], seconds=hist["seconds"],
-                   tokens_per_s=hist["tokens_per_s"], device=hist["device"],
-                   corpus=args.corpus, bytes_per_token=bpt, eval_batches=32,
-                   eval_batch_size=cfg.batch_size)
+    metrics = dict(
+        val=final,
+        steps=hist["steps"],
+        seconds=hist["seconds"],
+        tokens_per_s=hist["tokens_per_s"],
+        device=hist["device"],
+        corpus=args.corpus,
+        bytes_per_token=bpt,
+        eval_batches=32,
+        eval_batch_size=cfg.batch_size,
+    )
     extra = dict(command="python -m cptoy " + shlex.join(args.argv), time=time.time())
-    save_checkpoint(model, args.out, tokenizer=tok, metrics=metrics,
-                    dtype=torch.float16 if args.half else torch.float32, extra=extra)
+    save_checkpoint(
+        model,
+        args.out,
+        tokenizer=tok,
+        metrics=metrics,
+        dtype=torch.float16 if args.half else torch.float32,
+        extra=extra,
+    )
     print(json.dumps({k: round(v, 4) for k, v in final.items()}, indent=1))
-    print(f"saved {args.out} ({hist['steps']} steps, {hist['seconds']:.0f} s, "
-          f"{hist['tokens_per_s']:.0f} tokens/s)")
+    print(
+        f"saved {args.out} ({hist['steps']} steps, {hist['seconds']:.0f} s, "
+        f"{hist['tokens_per_s']:.0f} tokens/s)"
+    )
     return 0
 
 
@@ -162,17 +211,27 @@ def cmd_sample(args) -> int:
         raise SystemExit("the prompt encodes to no tokens")
     block = model.config.block_size
     if len(ids) + args.max_new_tokens > block:
-        raise SystemExit(f"prompt ({len(ids)} tokens) + --max-new-tokens ({args.max_new_tokens}) "
-                         f"exceeds the block size {block}")
+        raise SystemExit(
+            f"prompt ({len(ids)} tokens) + --max-new-tokens ({args.max_new_tokens}) "
+            f"exceeds the block size {block}"
+        )
     if importlib.util.find_spec("cptoy.decoding") is not None:
         from cptoy.decoding import generate
 
-        g = generate(model, ids, args.max_new_tokens, temperature=args.temperature,
-                     strategy=args.strategy, seed=args.seed)
+        g = generate(
+            model,
+            ids,
+            args.max_new_tokens,
+            temperature=args.temperature,
+            strategy=args.strategy,
+            seed=args.seed,
+        )
         new = list(g.tokens)
         st = g.stats
-        info = (f"[{args.strategy}, T={args.temperature}: {len(new)} tokens, "
-                f"{st.tokens_per_forward:.2f} tokens/forward, {st.tokens_per_second:.1f} tokens/s]")
+        info = (
+            f"[{args.strategy}, T={args.temperature}: {len(new)} tokens, "
+            f"{st.tokens_per_forward:.2f} tokens/forward, {st.tokens_per_second:.1f} tokens/s]"
+        )
     else:  # plain autoregressive loop
         gen = torch.Generator().manual_seed(args.seed)
         bb = model.backbone
@@ -183,7 +242,11 @@ def cmd_sample(args) -> int:
             for _ in range(args.max_new_tokens):
                 logits = bb.logits(h)[0]
                 if args.temperature > 0:
-                    nxt = int(torch.multinomial(torch.softmax(logits / args.temperature, -1), 1, generator=gen))
+                    nxt = int(
+                        torch.multinomial(
+                            torch.softmax(logits / args.temperature, -1), 1, generator=gen
+                        )
+                    )
                 else:
                     nxt = int(logits.argmax())
                 new.append(nxt)

@@ -29,6 +29,13 @@ Two head structures (``expert_dim``):
   the base logits is summed over experts before it meets U. Measured in
   ``bench/train_overhead.py``.
 
+Cost in practice (``bench/train_overhead.py``, table in ``bench/RESULTS.md``, toy preset, n = 4):
+besides the matmuls, both structures need a softmax over V for every (position, expert) pair,
+and at V = 4096 even rank-1 heads on every position cost more than the backbone. The defaults
+(full heads, head loss on every position) are the plain, exact computation; to meet issue 8's
+training-cost targets use ``expert_dim=16`` and ``MTPModel(head_positions=...)`` (the head loss
+on a seeded random subset of positions, e.g. 128 of the 2048 in a 16 x 128 batch).
+
 Both are "identity-initialised": the transforms start at h plus a small random perturbation
 (N(0, 0.02) weights), so at initialisation every factor is close to the backbone's own
 next-token distribution; the perturbation breaks the symmetry between experts.
@@ -173,8 +180,16 @@ class _FusedCPLogProb(torch.autograd.Function):
 
         # dX, dU, dC, dB hold gradients of -sum log Q, dlw the gradient of +sum log Q
         neg = -g_total
-        return (scale(dX, neg), scale(dU, neg, ctx.dtypes[0]), scale(dC, neg),
-                scale(dB, neg, ctx.dtypes[1]), scale(dlw, g_total), None, None, None)
+        return (
+            scale(dX, neg),
+            scale(dU, neg, ctx.dtypes[0]),
+            scale(dC, neg),
+            scale(dB, neg, ctx.dtypes[1]),
+            scale(dlw, g_total),
+            None,
+            None,
+            None,
+        )
 
 
 @dataclass
@@ -229,7 +244,9 @@ class CPHeads(nn.Module):
             check_positive_int(chunk_size, "chunk_size")
         self.chunk_size = chunk_size
         if not isinstance(unembedding, torch.Tensor):
-            raise TypeError(f"unembedding must be a (V, d) tensor or nn.Parameter, got {type(unembedding).__name__}")
+            raise TypeError(
+                f"unembedding must be a (V, d) tensor or nn.Parameter, got {type(unembedding).__name__}"
+            )
         if tuple(unembedding.shape) != (vocab_size, d_model):
             raise ValueError(
                 f"unembedding must have shape (vocab_size, d_model) = ({vocab_size}, {d_model}), "
@@ -238,7 +255,9 @@ class CPHeads(nn.Module):
         if isinstance(unembedding, nn.Parameter):
             self.__dict__["_shared_unembedding"] = unembedding  # shared, not registered
         else:
-            self.register_buffer("_fixed_unembedding", unembedding.detach().clone(), persistent=False)
+            self.register_buffer(
+                "_fixed_unembedding", unembedding.detach().clone(), persistent=False
+            )
 
         n, r, d = n_future, rank, d_model
         per_pos = n * r if expert_dim is None else n  # transforms that feed U
@@ -270,8 +289,10 @@ class CPHeads(nn.Module):
         return "full" if self.expert_dim is None else "structured"
 
     def extra_repr(self) -> str:
-        return (f"d_model={self.d_model}, vocab_size={self.vocab_size}, n_future={self.n_future}, "
-                f"rank={self.rank}, structure={self.structure}, expert_dim={self.expert_dim}")
+        return (
+            f"d_model={self.d_model}, vocab_size={self.vocab_size}, n_future={self.n_future}, "
+            f"rank={self.rank}, structure={self.structure}, expert_dim={self.expert_dim}"
+        )
 
     def num_params(self) -> int:
         """Parameters owned by the heads (the shared unembedding not counted)."""
@@ -287,7 +308,9 @@ class CPHeads(nn.Module):
         if not isinstance(hidden, torch.Tensor) or not hidden.is_floating_point():
             raise TypeError(f"{name} must be a floating-point tensor (..., d_model)")
         if hidden.dim() < 1 or hidden.shape[-1] != self.d_model:
-            raise ValueError(f"{name} must have last dimension d_model={self.d_model}, got shape {tuple(hidden.shape)}")
+            raise ValueError(
+                f"{name} must have last dimension d_model={self.d_model}, got shape {tuple(hidden.shape)}"
+            )
         if dims is not None and hidden.dim() != dims:
             raise ValueError(f"{name} must have {dims} dimensions, got shape {tuple(hidden.shape)}")
         return hidden
@@ -297,7 +320,11 @@ class CPHeads(nn.Module):
             raise TypeError(f"{name} must be an integer (int64) tensor of token ids")
         if tuple(x.shape) != tuple(shape):
             raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(x.shape)}")
-        if x.numel() and x.device.type == "cpu" and (int(x.min()) < 0 or int(x.max()) >= self.vocab_size):
+        if (
+            x.numel()
+            and x.device.type == "cpu"
+            and (int(x.min()) < 0 or int(x.max()) >= self.vocab_size)
+        ):
             raise ValueError(f"{name} holds token ids outside [0, {self.vocab_size})")
         return x.long()
 
@@ -323,7 +350,9 @@ class CPHeads(nn.Module):
         m = r if self.expert_dim is None else 1
         W = self.transform_weight[: k * m * d]
         b = self.transform_bias[: k * m * d]
-        X = h.unsqueeze(-2).unsqueeze(-2) + F.silu(F.linear(h, W, b)).view(-1, k, m, d)  # (N, k, m, d)
+        X = h.unsqueeze(-2).unsqueeze(-2) + F.silu(F.linear(h, W, b)).view(
+            -1, k, m, d
+        )  # (N, k, m, d)
         C = None
         if self.expert_dim is not None:
             e = self.expert_dim
@@ -381,7 +410,9 @@ class CPHeads(nn.Module):
         for lo in range(0, h.shape[0], chunk):
             hc, tc = h[lo : lo + chunk], tg[lo : lo + chunk]
             if use_ckpt:
-                res = torch.utils.checkpoint.checkpoint(self._chunk_log_probs, hc, tc, use_reentrant=False)
+                res = torch.utils.checkpoint.checkpoint(
+                    self._chunk_log_probs, hc, tc, use_reentrant=False
+                )
             else:
                 res = self._chunk_log_probs(hc, tc)
             out.append(res[which])
@@ -394,10 +425,14 @@ class CPHeads(nn.Module):
         stays at one chunk's (c, n, r, V) logits. Equals ``self(hidden).log_prob(targets)``.
         """
         hidden = self._check_hidden(hidden)
-        targets = self._check_tokens(targets, "targets", tuple(hidden.shape[:-1]) + (self.n_future,))
+        targets = self._check_tokens(
+            targets, "targets", tuple(hidden.shape[:-1]) + (self.n_future,)
+        )
         return self._log_probs(hidden, targets, 0)
 
-    def first_token_log_prob(self, hidden: torch.Tensor, first_tokens: torch.Tensor) -> torch.Tensor:
+    def first_token_log_prob(
+        self, hidden: torch.Tensor, first_tokens: torch.Tensor
+    ) -> torch.Tensor:
         """log of the CP marginal of position 1, sum_a w_a q_{1,a}(x_1): hidden (..., d),
         first_tokens (...) -> (...)."""
         hidden = self._check_hidden(hidden)
@@ -409,8 +444,9 @@ class CPHeads(nn.Module):
         lq = lf.gather(-1, first.reshape(-1, 1, 1).expand(-1, self.rank, 1)).squeeze(-1)
         return torch.logsumexp(lw + lq, dim=-1).view(lead)
 
-    def loss_terms(self, hidden: torch.Tensor, targets: torch.Tensor,
-                   log_gate: torch.Tensor | None = None) -> HeadTerms:
+    def loss_terms(
+        self, hidden: torch.Tensor, targets: torch.Tensor, log_gate: torch.Tensor | None = None
+    ) -> HeadTerms:
         """The fused, chunked training computation at N positions.
 
         hidden (N, d), targets (N, n), optional precomputed ``log_gate`` (N, r). Returns
@@ -433,11 +469,18 @@ class CPHeads(nn.Module):
             grad and B is not None and B.requires_grad,
             grad and lw.requires_grad,
         )
-        total, log_q, log_first = _FusedCPLogProb.apply(X, U, C, B, lw, targets, self._chunk(), needs)
+        total, log_q, log_first = _FusedCPLogProb.apply(
+            X, U, C, B, lw, targets, self._chunk(), needs
+        )
         return HeadTerms(total, log_q, log_first)
 
-    def draft(self, hidden: torch.Tensor, first_tokens: torch.Tensor, temperature: float,
-              n_draft: int | None = None) -> CPDist:
+    def draft(
+        self,
+        hidden: torch.Tensor,
+        first_tokens: torch.Tensor,
+        temperature: float,
+        n_draft: int | None = None,
+    ) -> CPDist:
         """The draft distribution of one decode step: CP over positions 2..k+1 given x_1.
 
         hidden (B, d) at the last accepted position, first_tokens (B,) = x_1 chosen by the
@@ -461,13 +504,15 @@ class CPHeads(nn.Module):
             raise ValueError("draft needs n_future >= 2 (there is nothing to draft after x_1)")
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= self.n_future - 1:
             raise ValueError(f"n_draft must be an int in [1, {self.n_future - 1}], got {n_draft}")
-        z = self._logits(*self._features(hidden, k + 1))  # (B, k+1, r, V)
+        z = self._logits(*self._features(hidden, k + 1))  # (B, k+1, r, V), a fresh tensor
         if temperature > 0 and temperature != 1.0:
-            z = z / temperature
-        lf = torch.log_softmax(z, dim=-1)  # (B, k+1, r, V)
-        lq1 = lf[:, 0].gather(-1, first.view(Bsz, 1, 1).expand(Bsz, self.rank, 1)).squeeze(-1)  # (B, r)
+            z.mul_(1.0 / temperature)
+        z1 = z[:, 0]  # (B, r, V) position 1: only log q_{1,a}(x_1) is needed, for the posterior
+        idx = first.view(Bsz, 1, 1).expand(Bsz, self.rank, 1)
+        lq1 = z1.gather(-1, idx).squeeze(-1) - torch.logsumexp(z1, dim=-1)  # (B, r)
+        lf = torch.log_softmax(z[:, 1:], dim=-1)  # (B, k, r, V)
         post = torch.log_softmax(self.gate_log_probs(hidden) + lq1, dim=-1)  # (B, r)
-        return CPDist(post, lf[:, 1:])
+        return CPDist(post, lf)
 
 
 # ============================================================================ the model
@@ -477,7 +522,9 @@ def _check_head_positions(hp):
     if hp is None:
         return None
     if isinstance(hp, bool) or not isinstance(hp, (int, float)):
-        raise TypeError(f"head_positions must be None, a float in (0, 1] or an int >= 1, got {type(hp).__name__}")
+        raise TypeError(
+            f"head_positions must be None, a float in (0, 1] or an int >= 1, got {type(hp).__name__}"
+        )
     if isinstance(hp, float):
         if not 0.0 < hp <= 1.0:
             raise ValueError(f"head_positions as a fraction must be in (0, 1], got {hp}")
@@ -525,7 +572,12 @@ class MTPModel(nn.Module):
         check_positive_int(n_future, "n_future")
         check_positive_int(rank, "rank")
         for name, val in (("load_balance_coef", load_balance_coef), ("joint_weight", joint_weight)):
-            if isinstance(val, bool) or not isinstance(val, (int, float)) or not math.isfinite(val) or val < 0:
+            if (
+                isinstance(val, bool)
+                or not isinstance(val, (int, float))
+                or not math.isfinite(val)
+                or val < 0
+            ):
                 raise ValueError(f"{name} must be a finite number >= 0, got {val!r}")
         self.head_positions = _check_head_positions(head_positions)
         self.n_future = n_future
@@ -535,8 +587,15 @@ class MTPModel(nn.Module):
         self.expert_dim = expert_dim
         self.seed = seed
         self.backbone = GPT(config)
-        self.heads = CPHeads(config.n_embd, config.vocab_size, n_future, rank,
-                             self.backbone.unembedding, expert_dim=expert_dim, chunk_size=chunk_size)
+        self.heads = CPHeads(
+            config.n_embd,
+            config.vocab_size,
+            n_future,
+            rank,
+            self.backbone.unembedding,
+            expert_dim=expert_dim,
+            chunk_size=chunk_size,
+        )
         self._sampler = torch.Generator().manual_seed(seed)
         self._frozen = False
         if freeze_backbone:
@@ -553,9 +612,14 @@ class MTPModel(nn.Module):
 
     def head_kwargs(self) -> dict:
         """Everything besides config, n_future and rank needed to rebuild this model."""
-        return dict(load_balance_coef=self.load_balance_coef, joint_weight=self.joint_weight,
-                    expert_dim=self.expert_dim, head_positions=self.head_positions, seed=self.seed,
-                    chunk_size=self.heads.chunk_size)
+        return dict(
+            load_balance_coef=self.load_balance_coef,
+            joint_weight=self.joint_weight,
+            expert_dim=self.expert_dim,
+            head_positions=self.head_positions,
+            seed=self.seed,
+            chunk_size=self.heads.chunk_size,
+        )
 
     def freeze_backbone(self, frozen: bool = True) -> MTPModel:
         """Freeze (or unfreeze) the backbone: its parameters (the shared unembedding included) get
@@ -587,8 +651,13 @@ class MTPModel(nn.Module):
                 return self.backbone(idx, cache)
         return self.backbone(idx, cache)
 
-    def draft(self, hidden_last: torch.Tensor, first_tokens: torch.Tensor, temperature: float,
-              n_draft: int | None = None) -> CPDist:
+    def draft(
+        self,
+        hidden_last: torch.Tensor,
+        first_tokens: torch.Tensor,
+        temperature: float,
+        n_draft: int | None = None,
+    ) -> CPDist:
         """See :meth:`CPHeads.draft`."""
         return self.heads.draft(hidden_last, first_tokens, temperature, n_draft)
 
@@ -644,7 +713,9 @@ class MTPModel(nn.Module):
         B, _, d = hidden.shape
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self._frozen):
             logits = self.backbone.logits(hidden)  # (B, T, V)
-            next_nll = F.cross_entropy(logits.reshape(B * T, -1).float(), idx[:, 1 : T + 1].reshape(-1))
+            next_nll = F.cross_entropy(
+                logits.reshape(B * T, -1).float(), idx[:, 1 : T + 1].reshape(-1)
+            )
         targets = idx.unfold(1, n, 1)[:, 1 : T + 1].reshape(B * T, n)  # (B*T, n): x_{t+1..t+n}
         h = hidden.reshape(B * T, d)
         log_gate = self.heads.gate_log_probs(h)  # (B*T, r)
@@ -660,12 +731,24 @@ class MTPModel(nn.Module):
         load_balance = r * (usage**2).sum()
         entropy = -(usage * usage.clamp_min(1e-30).log()).sum()
         total = next_nll + self.joint_weight * joint_nll + self.load_balance_coef * load_balance
-        return dict(next_token_nll=next_nll, joint_nll=joint_nll, first_token_nll=first_nll,
-                    load_balance=load_balance, expert_entropy=entropy, total=total)
+        return dict(
+            next_token_nll=next_nll,
+            joint_nll=joint_nll,
+            first_token_nll=first_nll,
+            load_balance=load_balance,
+            expert_entropy=entropy,
+            total=total,
+        )
 
     # ------------------------------------------------------------------ checkpoints
-    def save(self, path, tokenizer=None, metrics: dict | None = None, dtype: torch.dtype = torch.float32,
-             extra: dict | None = None) -> None:
+    def save(
+        self,
+        path,
+        tokenizer=None,
+        metrics: dict | None = None,
+        dtype: torch.dtype = torch.float32,
+        extra: dict | None = None,
+    ) -> None:
         """Write a checkpoint: config, n_future, rank, head kwargs, weights, tokenizer, metrics.
 
         ``tokenizer``: an object with ``to_dict()`` or a dict (or None). ``dtype=torch.float16``
@@ -673,13 +756,19 @@ class MTPModel(nn.Module):
         converts them back to float32.
         """
         if dtype not in (torch.float32, torch.float16, torch.bfloat16):
-            raise ValueError(f"dtype must be torch.float32, torch.float16 or torch.bfloat16, got {dtype}")
+            raise ValueError(
+                f"dtype must be torch.float32, torch.float16 or torch.bfloat16, got {dtype}"
+            )
         if tokenizer is not None and not isinstance(tokenizer, dict):
             if not hasattr(tokenizer, "to_dict"):
-                raise TypeError(f"tokenizer must have to_dict() or be a dict, got {type(tokenizer).__name__}")
+                raise TypeError(
+                    f"tokenizer must have to_dict() or be a dict, got {type(tokenizer).__name__}"
+                )
             tokenizer = tokenizer.to_dict()
-        state = {k: (v.detach().to("cpu", dtype) if v.is_floating_point() else v.detach().cpu())
-                 for k, v in self.state_dict().items()}
+        state = {
+            k: (v.detach().to("cpu", dtype) if v.is_floating_point() else v.detach().cpu())
+            for k, v in self.state_dict().items()
+        }
         ckpt = dict(
             format=CHECKPOINT_FORMAT,
             format_version=CHECKPOINT_VERSION,
@@ -709,13 +798,21 @@ class MTPModel(nn.Module):
         try:
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:
-            raise ValueError(f"checkpoint {path!r} is corrupt or not a torch file: {type(exc).__name__}: {exc}") from exc
+            raise ValueError(
+                f"checkpoint {path!r} is corrupt or not a torch file: {type(exc).__name__}: {exc}"
+            ) from exc
         if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError(f"checkpoint {path!r} is not a cptoy MTP checkpoint (no format={CHECKPOINT_FORMAT!r} entry)")
+            raise ValueError(
+                f"checkpoint {path!r} is not a cptoy MTP checkpoint (no format={CHECKPOINT_FORMAT!r} entry)"
+            )
         version = ckpt.get("format_version")
         if not isinstance(version, int) or version > CHECKPOINT_VERSION:
-            raise ValueError(f"checkpoint {path!r} has format_version {version!r}; this cptoy reads <= {CHECKPOINT_VERSION}")
-        missing = [k for k in ("config", "n_future", "rank", "head_kwargs", "state_dict") if k not in ckpt]
+            raise ValueError(
+                f"checkpoint {path!r} has format_version {version!r}; this cptoy reads <= {CHECKPOINT_VERSION}"
+            )
+        missing = [
+            k for k in ("config", "n_future", "rank", "head_kwargs", "state_dict") if k not in ckpt
+        ]
         if missing:
             raise ValueError(f"checkpoint {path!r} lacks the entries {missing}")
         return ckpt
@@ -726,8 +823,17 @@ class MTPModel(nn.Module):
         try:
             config = GPTConfig(**ckpt["config"])
         except (TypeError, ValueError) as exc:
-            raise ValueError(f"checkpoint {path!r} has an invalid config {ckpt['config']!r}: {exc}") from exc
-        known = {"load_balance_coef", "joint_weight", "expert_dim", "head_positions", "seed", "chunk_size"}
+            raise ValueError(
+                f"checkpoint {path!r} has an invalid config {ckpt['config']!r}: {exc}"
+            ) from exc
+        known = {
+            "load_balance_coef",
+            "joint_weight",
+            "expert_dim",
+            "head_positions",
+            "seed",
+            "chunk_size",
+        }
         kwargs = {k: v for k, v in ckpt["head_kwargs"].items() if k in known}
         try:
             model = cls(config, ckpt["n_future"], ckpt["rank"], **kwargs)
@@ -746,17 +852,26 @@ class MTPModel(nn.Module):
         theirs = {k: v for k, v in state.items() if k.startswith(prefix)}
         missing = sorted(set(own) - set(theirs))
         unexpected = sorted(set(theirs) - set(own))
-        shapes = {k: (tuple(theirs[k].shape), tuple(own[k].shape))
-                  for k in set(own) & set(theirs) if tuple(theirs[k].shape) != tuple(own[k].shape)}
+        shapes = {
+            k: (tuple(theirs[k].shape), tuple(own[k].shape))
+            for k in set(own) & set(theirs)
+            if tuple(theirs[k].shape) != tuple(own[k].shape)
+        }
         if missing or unexpected or shapes:
             parts = []
             if missing:
                 parts.append(f"missing keys {missing[:8]}{' ...' if len(missing) > 8 else ''}")
             if unexpected:
-                parts.append(f"unexpected keys {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
+                parts.append(
+                    f"unexpected keys {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}"
+                )
             if shapes:
-                parts.append("shape mismatches " + ", ".join(
-                    f"{k}: stored {a} vs model {b}" for k, (a, b) in sorted(shapes.items())[:8]))
+                parts.append(
+                    "shape mismatches "
+                    + ", ".join(
+                        f"{k}: stored {a} vs model {b}" for k, (a, b) in sorted(shapes.items())[:8]
+                    )
+                )
             raise ValueError(
                 f"{source}: weights do not match the model (n_future={self.n_future}, rank={self.rank}, "
                 f"expert_dim={self.expert_dim}, config={self.config}): " + "; ".join(parts)
@@ -779,4 +894,3 @@ class MTPModel(nn.Module):
         model.metrics = ckpt.get("metrics") or {}
         model.extra = ckpt.get("extra") or {}
         return model
-

@@ -41,7 +41,14 @@ __all__ = [
     "LOSS_KEYS",
 ]
 
-LOSS_KEYS = ("total", "next_token_nll", "joint_nll", "first_token_nll", "load_balance", "expert_entropy")
+LOSS_KEYS = (
+    "total",
+    "next_token_nll",
+    "joint_nll",
+    "first_token_nll",
+    "load_balance",
+    "expert_entropy",
+)
 
 
 @dataclass
@@ -72,8 +79,10 @@ class TrainConfig:
         if self.steps is not None:
             check_positive_int(self.steps, "steps")
         if self.minutes is not None and not (
-            isinstance(self.minutes, (int, float)) and not isinstance(self.minutes, bool)
-            and math.isfinite(self.minutes) and self.minutes > 0
+            isinstance(self.minutes, (int, float))
+            and not isinstance(self.minutes, bool)
+            and math.isfinite(self.minutes)
+            and self.minutes > 0
         ):
             raise ValueError(f"minutes must be a positive number, got {self.minutes!r}")
         for name in ("batch_size", "eval_every", "eval_batches", "log_every"):
@@ -83,7 +92,12 @@ class TrainConfig:
             check_positive_int(self.block_size, "block_size")
         for name in ("lr", "min_lr", "weight_decay"):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+            if (
+                isinstance(v, bool)
+                or not isinstance(v, (int, float))
+                or not math.isfinite(v)
+                or v < 0
+            ):
                 raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
@@ -129,7 +143,9 @@ def _as_ids(ids, name: str) -> torch.Tensor:
         except Exception as exc:
             raise TypeError(f"{name} must be a 1-D tensor of token ids") from exc
     if ids.dim() != 1 or ids.is_floating_point():
-        raise ValueError(f"{name} must be a 1-D integer tensor of token ids, got shape {tuple(ids.shape)} {ids.dtype}")
+        raise ValueError(
+            f"{name} must be a 1-D integer tensor of token ids, got shape {tuple(ids.shape)} {ids.dtype}"
+        )
     return ids.long()
 
 
@@ -245,7 +261,9 @@ def train(
     T = _block(model, cfg.block_size)
     L = T + model.n_future
     if train_ids.numel() < L:
-        raise ValueError(f"train_ids hold {train_ids.numel()} tokens, fewer than one block of T + n = {L}")
+        raise ValueError(
+            f"train_ids hold {train_ids.numel()} tokens, fewer than one block of T + n = {L}"
+        )
     V = model.config.vocab_size
     if int(train_ids.max()) >= V or int(train_ids.min()) < 0:
         raise ValueError(f"train_ids hold ids outside the model's vocabulary [0, {V})")
@@ -262,17 +280,31 @@ def train(
     loss_fn = loss_fn or (lambda m, b: m.loss(b))
     budget_s = None if cfg.minutes is None else 60.0 * cfg.minutes
 
-    history: dict = dict(train=[], val=[], steps=0, seconds=0.0, tokens=0, tokens_per_s=float("nan"),
-                         device=str(device), config=asdict(cfg))
+    history: dict = dict(
+        train=[],
+        val=[],
+        steps=0,
+        seconds=0.0,
+        tokens=0,
+        tokens_per_s=float("nan"),
+        device=str(device),
+        config=asdict(cfg),
+    )
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=cfg.steps, unit="step", dynamic_ncols=True,
-                   desc=f"train r={getattr(model, 'rank', '?')} n={model.n_future}")
+        bar = tqdm(
+            total=cfg.steps,
+            unit="step",
+            dynamic_ncols=True,
+            desc=f"train r={getattr(model, 'rank', '?')} n={model.n_future}",
+        )
 
     def run_eval(step: int, elapsed: float) -> dict:
-        rec = evaluate_loss(model, val_ids, cfg.batch_size, T, cfg.eval_batches, cfg.bytes_per_token, device)
+        rec = evaluate_loss(
+            model, val_ids, cfg.batch_size, T, cfg.eval_batches, cfg.bytes_per_token, device
+        )
         rec = dict(step=step, tokens=step * cfg.batch_size * T, seconds=elapsed, **rec)
         history["val"].append(rec)
         return rec
@@ -311,8 +343,13 @@ def train(
             train_seconds += time.perf_counter() - ts
             step += 1
             if step % cfg.log_every == 0 or step == 1:
-                rec = dict(step=step, tokens=step * cfg.batch_size * T, seconds=time.perf_counter() - t0,
-                           lr=lr, **{k: float(v.detach()) for k, v in out.items()})
+                rec = dict(
+                    step=step,
+                    tokens=step * cfg.batch_size * T,
+                    seconds=time.perf_counter() - t0,
+                    lr=lr,
+                    **{k: float(v.detach()) for k, v in out.items()},
+                )
                 history["train"].append(rec)
                 if callback is not None:
                     callback(step, rec)
@@ -337,7 +374,9 @@ def train(
     history["seconds"] = time.perf_counter() - t0
     history["train_seconds"] = train_seconds
     history["tokens"] = step * cfg.batch_size * T
-    history["tokens_per_s"] = history["tokens"] / train_seconds if train_seconds > 0 else float("nan")
+    history["tokens_per_s"] = (
+        history["tokens"] / train_seconds if train_seconds > 0 else float("nan")
+    )
     return history
 
 
@@ -355,8 +394,14 @@ class Checkpoint:
     path: str = ""  # the file it came from
 
 
-def save_checkpoint(model: MTPModel, path, tokenizer=None, metrics: dict | None = None,
-                    dtype: torch.dtype = torch.float32, extra: dict | None = None) -> None:
+def save_checkpoint(
+    model: MTPModel,
+    path,
+    tokenizer=None,
+    metrics: dict | None = None,
+    dtype: torch.dtype = torch.float32,
+    extra: dict | None = None,
+) -> None:
     """Write ``model`` with its tokenizer and metrics (see :meth:`MTPModel.save`)."""
     if not isinstance(model, MTPModel):
         raise TypeError(f"model must be an MTPModel, got {type(model).__name__}")
@@ -397,7 +442,13 @@ def init_backbone(model: MTPModel, path) -> dict:
     theirs = ckpt["config"]
     ours = model.config.to_dict()
     if theirs != ours:
-        diff = {k: (theirs.get(k), ours.get(k)) for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k)}
-        raise ValueError(f"checkpoint {path!r} has a different backbone config (stored, model): {diff}")
+        diff = {
+            k: (theirs.get(k), ours.get(k))
+            for k in set(theirs) | set(ours)
+            if theirs.get(k) != ours.get(k)
+        }
+        raise ValueError(
+            f"checkpoint {path!r} has a different backbone config (stored, model): {diff}"
+        )
     model.load_weights(ckpt["state_dict"], source=path, prefix="backbone.")
     return ckpt

@@ -134,7 +134,8 @@ class Server:
                            + self.log_text()[-3000:])
 
     def log_text(self) -> str:
-        self._log_file.flush()
+        if not self._log_file.closed:
+            self._log_file.flush()
         return self.log.read_text(errors="replace")
 
     def stop(self) -> None:
@@ -248,8 +249,11 @@ class PageLog:
 
     def __init__(self, page):
         self.page_errors: list[str] = []
+        self.console_errors: list[str] = []  # for failure messages only (offline fonts etc.)
         self.external: list[str] = []
-        page.on("pageerror", lambda e: self.page_errors.append(str(e)))
+        page.on("pageerror", lambda e: self.page_errors.append(f"{e}\n{e.stack}"))
+        page.on("console", lambda m: self.console_errors.append(m.text)
+                if m.type == "error" else None)
 
         def route(r):
             host = re.match(r"^[a-z]+://([^/:]+)", r.request.url)
@@ -710,5 +714,6 @@ def test_voila_lecture_dashboard_hides_code_renders_and_responds(page, voila, ar
             time.sleep(0.5)
             node.screenshot(path=str(artifacts / f"voila_panel{k}_moved.png"))
     page.screenshot(path=str(artifacts / "voila_dashboard.png"), full_page=True)
-    assert not page.cptoy_log.page_errors, page.cptoy_log.page_errors
+    log = page.cptoy_log
+    assert not log.page_errors, f"{log.page_errors}\nconsole errors: {log.console_errors}"
     assert "Traceback" not in voila.log_text(), voila.log_text()[-3000:]

@@ -69,7 +69,11 @@ def test_joint_log_prob_equals_the_explicit_tensor(expert_dim):
     P = dist.to_tensor()  # (2, 5, V, V, V)
     assert torch.allclose(P.sum((-1, -2, -3)), torch.ones(2, 5), atol=1e-5)
     explicit = P[
-        torch.arange(2)[:, None], torch.arange(5)[None], targets[..., 0], targets[..., 1], targets[..., 2]
+        torch.arange(2)[:, None],
+        torch.arange(5)[None],
+        targets[..., 0],
+        targets[..., 1],
+        targets[..., 2],
     ].log()
     jl = heads.joint_log_prob(h, targets)
     torch.testing.assert_close(jl, explicit, rtol=1e-5, atol=1e-5)
@@ -80,7 +84,9 @@ def test_joint_log_prob_equals_the_explicit_tensor(expert_dim):
     torch.testing.assert_close(terms.log_q_sum, explicit.sum(), rtol=1e-5, atol=1e-4)
     # first-token marginal = the explicit tensor summed over positions 2..n
     first = P.sum((-1, -2)).gather(-1, targets[..., :1]).squeeze(-1).log()
-    torch.testing.assert_close(heads.first_token_log_prob(h, targets[..., 0]), first, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        heads.first_token_log_prob(h, targets[..., 0]), first, rtol=1e-5, atol=1e-5
+    )
     torch.testing.assert_close(terms.log_first, first.reshape(10), rtol=1e-5, atol=1e-5)
 
 
@@ -168,8 +174,14 @@ def test_draft_rejects_bad_input():
 def test_gradients_flow_to_every_parameter(expert_dim):
     model = tiny_model(expert_dim=expert_dim)
     out = model.loss(ids(2, 20))
-    assert set(out) == {"next_token_nll", "joint_nll", "first_token_nll", "load_balance",
-                        "expert_entropy", "total"}
+    assert set(out) == {
+        "next_token_nll",
+        "joint_nll",
+        "first_token_nll",
+        "load_balance",
+        "expert_entropy",
+        "total",
+    }
     out["total"].backward()
     for name, p in model.named_parameters():
         assert p.grad is not None, name
@@ -265,7 +277,9 @@ def test_bad_configs_are_rejected():
     with pytest.raises(ValueError, match="n_future"):
         model.loss(ids(1, 3))
     with pytest.raises(ValueError, match="targets"):
-        model.heads.joint_log_prob(torch.randn(2, model.config.n_embd), torch.zeros(2, 2, dtype=torch.long))
+        model.heads.joint_log_prob(
+            torch.randn(2, model.config.n_embd), torch.zeros(2, 2, dtype=torch.long)
+        )
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -284,7 +298,10 @@ def test_save_load_round_trip_exact(tmp_path, expert_dim):
     assert loaded.heads.unembedding is loaded.backbone.unembedding
     assert (loaded.rank, loaded.n_future, loaded.expert_dim) == (3, 3, expert_dim)
     assert loaded.head_positions == 0.5 and loaded.load_balance_coef == 0.05
-    assert loaded.metrics == {"val": 1.5} and loaded.tokenizer_dict == {"kind": "byte", "eot": False}
+    assert loaded.metrics == {"val": 1.5} and loaded.tokenizer_dict == {
+        "kind": "byte",
+        "eot": False,
+    }
     model.eval(), loaded.eval()
     batch = ids(2, 20, seed=4)
     with torch.no_grad():
@@ -344,7 +361,11 @@ def test_corrupt_and_mismatched_checkpoints_fail_clearly(tmp_path):
 def test_forward_returns_a_cpdist_with_batch_shape():
     heads, _ = make_heads()
     d = heads(torch.randn(2, 3, 8))
-    assert isinstance(d, CPDist) and d.batch_shape == (2, 3) and (d.n, d.rank, d.vocab_size) == (3, 3, 7)
+    assert (
+        isinstance(d, CPDist)
+        and d.batch_shape == (2, 3)
+        and (d.n, d.rank, d.vocab_size) == (3, 3, 7)
+    )
     # every factor sums to one, and the explicit joint of one position sums to one
     assert torch.allclose(d.factors.sum(-1), torch.ones(2, 3, 3, 3), atol=1e-5)
     x = torch.tensor(list(itertools.product(range(7), repeat=3)))  # (343, 3)

@@ -30,8 +30,12 @@ def _one_thread():
 
 def tiny_model(**kw) -> MTPModel:
     torch.manual_seed(0)
-    return MTPModel(GPTConfig.preset("tiny", vocab_size=16, block_size=32), n_future=3,
-                    rank=kw.pop("rank", 2), **kw)
+    return MTPModel(
+        GPTConfig.preset("tiny", vocab_size=16, block_size=32),
+        n_future=3,
+        rank=kw.pop("rank", 2),
+        **kw,
+    )
 
 
 def periodic_ids(n=2000, seed=0):
@@ -41,8 +45,18 @@ def periodic_ids(n=2000, seed=0):
 
 
 def quick_cfg(**kw) -> TrainConfig:
-    base = dict(steps=40, batch_size=4, block_size=16, lr=1e-2, min_lr=1e-3, warmup=5,
-                eval_every=20, eval_batches=2, log_every=5, device="cpu")
+    base = dict(
+        steps=40,
+        batch_size=4,
+        block_size=16,
+        lr=1e-2,
+        min_lr=1e-3,
+        warmup=5,
+        eval_every=20,
+        eval_batches=2,
+        log_every=5,
+        device="cpu",
+    )
     base.update(kw)
     return TrainConfig(**base)
 
@@ -144,8 +158,9 @@ def test_train_rejects_bad_data():
 
 def test_evaluate_loss_reports_nats_per_byte_and_restores_mode():
     model = tiny_model().train()
-    res = evaluate_loss(model, periodic_ids(600), batch_size=4, block_size=16, max_batches=2,
-                        bytes_per_token=2.0)
+    res = evaluate_loss(
+        model, periodic_ids(600), batch_size=4, block_size=16, max_batches=2, bytes_per_token=2.0
+    )
     assert not math.isnan(res["joint_nll"]) and model.training
     assert res["next_token_nats_per_byte"] == pytest.approx(res["next_token_nll"] / 2.0)
     assert res["joint_nats_per_byte"] == pytest.approx(res["joint_nll"] / 2.0)
@@ -162,7 +177,9 @@ def test_checkpoint_carries_tokenizer_and_metrics(tmp_path):
     model = tiny_model(rank=3)
     tok = ByteTokenizer()
     path = tmp_path / "ck.pt"
-    save_checkpoint(model, path, tokenizer=tok, metrics={"val": {"joint_nll": 2.0}}, extra={"cmd": "x"})
+    save_checkpoint(
+        model, path, tokenizer=tok, metrics={"val": {"joint_nll": 2.0}}, extra={"cmd": "x"}
+    )
     ck = load_checkpoint(path)
     assert isinstance(ck.tokenizer, ByteTokenizer) and ck.tokenizer.encode("hi") == tok.encode("hi")
     assert ck.metrics == {"val": {"joint_nll": 2.0}} and ck.extra == {"cmd": "x"}
@@ -198,23 +215,80 @@ def test_cli_train_then_sample(tmp_path, capsys, monkeypatch):
 
     monkeypatch.setenv("CPTOY_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "hmm.pt"
-    rc = main(["train", "--corpus", "hmm", "--max-bytes", "4000", "--rank", "2", "--n-future", "3",
-               "--preset", "tiny", "--steps", "4", "--batch-size", "2", "--eval-batches", "1",
-               "--no-progress", "--half", "--out", str(out)])
+    rc = main(
+        [
+            "train",
+            "--corpus",
+            "hmm",
+            "--max-bytes",
+            "4000",
+            "--rank",
+            "2",
+            "--n-future",
+            "3",
+            "--preset",
+            "tiny",
+            "--steps",
+            "4",
+            "--batch-size",
+            "2",
+            "--eval-batches",
+            "1",
+            "--no-progress",
+            "--half",
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 0 and out.exists()
     ck = load_checkpoint(out)
     assert ck.model.rank == 2 and ck.metrics["steps"] == 4 and "joint_nll" in ck.metrics["val"]
     assert ck.extra["command"].startswith("python -m cptoy train --corpus hmm --max-bytes 4000")
-    rc = main(["sample", "--ckpt", str(out), "--prompt", "1 2 3", "--max-new-tokens", "5",
-               "--strategy", "self-spec", "--temperature", "0"])
+    rc = main(
+        [
+            "sample",
+            "--ckpt",
+            str(out),
+            "--prompt",
+            "1 2 3",
+            "--max-new-tokens",
+            "5",
+            "--strategy",
+            "self-spec",
+            "--temperature",
+            "0",
+        ]
+    )
     assert rc == 0
     printed = capsys.readouterr().out.strip().splitlines()[-1].split()
     assert printed[:3] == ["1", "2", "3"] and len(printed) == 8
     # heads only, on the saved backbone
     out2 = tmp_path / "heads.pt"
-    rc = main(["train", "--corpus", "hmm", "--max-bytes", "4000", "--rank", "1", "--n-future", "3",
-               "--steps", "2", "--batch-size", "2", "--eval-batches", "1", "--no-progress",
-               "--freeze-backbone", "--init", str(out), "--out", str(out2)])
+    rc = main(
+        [
+            "train",
+            "--corpus",
+            "hmm",
+            "--max-bytes",
+            "4000",
+            "--rank",
+            "1",
+            "--n-future",
+            "3",
+            "--steps",
+            "2",
+            "--batch-size",
+            "2",
+            "--eval-batches",
+            "1",
+            "--no-progress",
+            "--freeze-backbone",
+            "--init",
+            str(out),
+            "--out",
+            str(out2),
+        ]
+    )
     assert rc == 0
     a, b = load_checkpoint(out).model, load_checkpoint(out2).model
     for k, v in a.backbone.state_dict().items():
