@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: lab test unit notebooks figures bench present gpu-check lint clean-venv
+.PHONY: lab test unit notebooks figures bench present gpu-check lint clean-venv checkpoints
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -33,6 +33,24 @@ present: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/em_vs_hals.py
+	$(PY) bench/train_overhead.py
+	$(PY) bench/speculative.py
+
+# The shipped demo checkpoints (cptoy/checkpoints/*.pt), one documented recipe: a backbone per
+# corpus trained with next-token loss, then rank-1 and rank-8 CP heads on it, frozen.
+# About 45 + 40 minutes of backbone and 4 x 10 minutes of heads on this 2-core CPU.
+CKPT_MINUTES ?= 45
+HEAD_MINUTES ?= 10
+checkpoints: $(STAMP)
+	for c in code shakespeare; do \
+	  $(PY) -m cptoy.recipes --corpus $$c --preset toy --n-layer 6 --minutes $(CKPT_MINUTES) \
+	    --threads 1 --out runs/$${c}_backbone.pt --as-mtp runs/$${c}_backbone_mtp.pt || exit 1; \
+	  for r in 1 8; do \
+	    $(PY) -m cptoy train --corpus $$c --rank $$r --n-future 4 --freeze-backbone \
+	      --init runs/$${c}_backbone_mtp.pt --minutes $(HEAD_MINUTES) --steps 100000 --batch-size 16 \
+	      --head-positions 0.25 --half --out cptoy/checkpoints/$${c}_r$$r.pt || exit 1; \
+	  done; \
+	done
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check cptoy tests bench

@@ -128,6 +128,20 @@ def save_backbone(model: GPT, tokenizer, metrics: dict, path: str) -> None:
     os.replace(path + ".tmp", path)
 
 
+def backbone_to_mtp(backbone_path: str, out: str, n_future: int = 4, rank: int = 1) -> str:
+    """Wrap a backbone-only checkpoint as an MTP checkpoint (fresh heads) usable by ``--init``."""
+    from cptoy.data import tokenizer_from_dict
+    from cptoy.heads import MTPModel
+
+    ckpt = torch.load(backbone_path, map_location="cpu", weights_only=True)
+    if not isinstance(ckpt, dict) or ckpt.get("format") != BACKBONE_FORMAT:
+        raise ValueError(f"{backbone_path!r} is not a {BACKBONE_FORMAT!r} checkpoint")
+    model = MTPModel(GPTConfig(**ckpt["config"]), n_future=n_future, rank=rank)
+    model.backbone.load_state_dict(ckpt["state_dict"])
+    model.save(out, tokenizer=tokenizer_from_dict(ckpt["tokenizer"]), metrics=ckpt["metrics"])
+    return out
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m cptoy.recipes", description=__doc__)
     p.add_argument("--corpus", default="code", choices=["code", "shakespeare"])
@@ -141,6 +155,7 @@ def main(argv=None) -> None:
     p.add_argument("--n-layer", type=int, default=None, help="override the preset's depth")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--out", required=True)
+    p.add_argument("--as-mtp", default=None, help="also write the backbone as an MTP checkpoint here")
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -149,6 +164,8 @@ def main(argv=None) -> None:
         seed=a.seed, out=a.out, n_layer=a.n_layer,
     )
     print(m)
+    if a.as_mtp:
+        print("MTP checkpoint for --init:", backbone_to_mtp(a.out, a.as_mtp))
 
 
 if __name__ == "__main__":
