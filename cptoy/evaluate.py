@@ -656,7 +656,7 @@ class CostRow:
     ceiling: float  # k * t(1) / t(k): wall-clock speed-up if every draft were accepted, free
     draft_ms: float  # median milliseconds to draft k - 1 tokens (heads; nan for k = 1 / none)
     draft_ratio: float  # draft_ms / t(1)
-    ceiling_with_draft: float  # k * t(1) / (t(k) + draft_ms)
+    ceiling_with_draft: float  # k * t(1) / (t(k) + draft_ms) (nan where the heads can't draft)
 
 
 @torch.no_grad()
@@ -731,7 +731,7 @@ def verify_cost(model, k_values=(1, 2, 3, 4, 5, 6), context_length: int = 64,
         rows.append(CostRow(
             k=k, ms=1e3 * tk, ratio=tk / t1, ceiling=k * t1 / tk, draft_ms=1e3 * dk,
             draft_ratio=dk / t1,
-            ceiling_with_draft=k * t1 / (tk + (0.0 if math.isnan(dk) else dk)),
+            ceiling_with_draft=(1.0 if k == 1 else k * t1 / (tk + dk)),  # nan: no drafts
         ))
     return rows
 

@@ -643,3 +643,122 @@ def make_figures(out_dir: str | os.PathLike = "figures", names: Sequence[str] | 
     out.mkdir(parents=True, exist_ok=True)
     inputs = _FigureInputs(seed)
     return [_save(FIGURES[name](inputs), out / f"{name}.png") for name in names]
+
+
+# ====================================================================== CP heads (notebook 03)
+__all__ += ["plot_joint_slices", "plot_gate_heatmap", "plot_entropy_curves"]
+
+
+def plot_joint_slices(
+    joints: Mapping,
+    labels: Sequence[str] | None = None,
+    positions: Sequence[int] = (0, 1),
+    prefix: Sequence[int] | None = None,
+    annotate: bool | None = None,
+):
+    """The same 2-token slice of several joints side by side, on one colour scale.
+
+    ``joints``: name -> joint (V,)*n (tensor or unbatched CPDist), e.g. the exact joint, its EM
+    fit and what trained heads learned. Slices as in :func:`joint_slice` (``prefix`` conditions
+    on the first tokens). Returns the Figure.
+    """
+    if not isinstance(joints, Mapping) or not joints:
+        raise ValueError("joints must be a non-empty mapping name -> joint")
+    slices = {str(k): joint_slice(P, positions, prefix) for k, P in joints.items()}  # (V, V)
+    shapes = {tuple(S.shape) for S in slices.values()}
+    if len(shapes) != 1:
+        raise ValueError(f"all joints must have the same vocabulary, got slices {sorted(shapes)}")
+    V = next(iter(slices.values())).shape[0]
+    labels = _labels(labels, V)
+    ya, xa, cond = _slice_axis_names(positions, prefix, labels)
+    vmax = max(float(S.max()) for S in slices.values())
+    from matplotlib import rc_context
+    from matplotlib.figure import Figure
+
+    k = len(slices)
+    with rc_context(STYLE):
+        fig = Figure(figsize=(4.6 * k + 1.0, 4.9), layout="constrained")
+        axs = fig.subplots(1, k, squeeze=False)[0]
+        for i, (name, S) in enumerate(slices.items()):
+            im = _heatmap(axs[i], S, labels, name, vmax=vmax, annotate=annotate, xlabel=xa,
+                          ylabel=ya if i == 0 else "", colorbar=False)
+        fig.colorbar(im, ax=list(axs), shrink=0.85)
+        fig.suptitle(f"2-token slice: P({ya}, {xa}{cond})")
+    return fig
+
+
+def plot_gate_heatmap(weights, token_labels: Sequence[str], ax=None,
+                      title: str | None = "gate weights at each position"):
+    """Gate weights of CP heads along a text: experts (rows) x positions (columns).
+
+    ``weights`` (T, r), each row on the simplex (e.g. ``model.heads.gate_probs(hidden)``);
+    ``token_labels`` (T,) the token at each position (the heads there predict what follows it).
+    A row may be all NaN (e.g. a posterior gate where there is no next token): drawn blank.
+    Returns the Figure.
+    """
+    W = as_tensor(weights, "weights")
+    if W.dim() != 2:
+        raise ValueError(f"weights must have shape (T, r), got {tuple(W.shape)}")
+    T, r = W.shape
+    if isinstance(token_labels, str) or len(token_labels) != T:
+        raise ValueError(f"token_labels must be a sequence of T={T} strings")
+    ok = ~torch.isnan(W).any(-1)
+    from cptoy._checks import check_distribution
+
+    if ok.any():
+        check_distribution(W[ok], "weights", dims=1)
+    from matplotlib import rc_context
+
+    with rc_context(STYLE):
+        fig, ax = _new_fig(ax, (min(0.32 * T + 3.0, 18.0), 0.45 * r + 2.6))
+        im = ax.imshow(W.T.double().numpy(), cmap="Blues", vmin=0.0, vmax=1.0, aspect="auto",
+                       interpolation="nearest")
+        step = max(1, math.ceil(T / 60))
+        ax.set_xticks(range(0, T, step), [str(token_labels[i]) for i in range(0, T, step)],
+                      rotation=90, fontsize=11, family="monospace")
+        ax.set_yticks(range(r), [str(a) for a in range(r)])
+        ax.set_ylabel("expert")
+        ax.set_xlabel("position (token read there)")
+        ax.set_xlim(-0.5, T - 0.5)
+        ax.figure.colorbar(im, ax=ax, shrink=0.85, pad=0.01)
+        if title:
+            ax.set_title(title)
+    return fig
+
+
+def plot_entropy_curves(curves: Mapping, rank: int, ax=None, smooth: int = 1,
+                        title: str | None = "expert usage during training"):
+    """Entropy of the mean gate usage against training step, one line per run.
+
+    ``curves``: name -> sequence of entropies in nats (one per step, e.g. the ``expert_entropy``
+    of ``MTPModel.loss``); ``rank``: r, so log r (uniform usage) is drawn dashed and 0 (one
+    expert takes everything) is the floor. ``smooth`` > 1 draws a running mean over that many
+    steps. Returns the Figure.
+    """
+    check_positive_int(rank, "rank")
+    check_positive_int(smooth, "smooth")
+    if not isinstance(curves, Mapping) or not curves:
+        raise ValueError("curves must be a non-empty mapping name -> entropies")
+    import numpy as np
+    from matplotlib import rc_context
+
+    with rc_context(STYLE):
+        fig, ax = _new_fig(ax, (8.0, 4.6))
+        for i, (name, ys) in enumerate(curves.items()):
+            y = np.asarray(list(ys), dtype=float)
+            if y.ndim != 1 or y.size == 0:
+                raise ValueError(f"curves[{name!r}] must be a non-empty sequence of numbers")
+            if smooth > 1 and y.size >= smooth:
+                y = np.convolve(y, np.ones(smooth) / smooth, mode="valid")
+            x = np.arange(y.size) + (smooth if smooth > 1 and len(list(ys)) >= smooth else 1)
+            ax.plot(x, y, lw=2.5, color=f"C{i}", label=str(name))
+        ax.axhline(math.log(rank), ls="--", color="black", lw=1.5,
+                   label=f"log r = {math.log(rank):.2f} (uniform)")
+        ax.set_ylim(-0.05, math.log(rank) * 1.12 + 0.05)
+        ax.set_xlabel("training step")
+        ax.set_ylabel("entropy of mean usage [nats]")
+        ax.grid(True, alpha=0.3)
+        ax.legend(loc="lower left")
+        if title:
+            ax.set_title(title)
+    return fig

@@ -12,15 +12,69 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import re
 import subprocess
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["DASHBOARD", "main", "present", "voila_command"]
+__all__ = ["DASHBOARD", "DemoModels", "demo_available", "demo_models", "main", "present",
+           "voila_command"]
 
 DASHBOARD = Path(__file__).resolve().parent / "dashboards" / "lecture.ipynb"  # the notebook served
 
 
+# ---------------------------------------------------------------------- the dashboard's models
+@dataclass
+class DemoModels:
+    """The shipped checkpoints of one corpus, ready for the decoding panels of the dashboard."""
+
+    corpus: str  # "code" or "shakespeare"
+    models: dict = field(repr=False)  # "rank r" -> MTPModel (eval mode), lowest rank first
+    tokenizer: object  # the checkpoints' tokenizer (shared by their backbone)
+    prompts: list = field(repr=False)  # held-out prompts: lists of 32 token ids
+    heldout: object = field(repr=False)  # (T,) int64 held-out ids (teacher-forced reference)
+
+
+def _demo_ranks(corpus: str) -> list[int]:
+    from cptoy import checkpoints
+
+    name = re.compile(rf"^{re.escape(corpus)}_r(\d+)$")
+    return sorted(int(m.group(1)) for n in checkpoints.available() if (m := name.match(n)))
+
+
+def demo_available(corpus: str = "code") -> bool:
+    """Whether a demo checkpoint ``<corpus>_r<rank>.pt`` ships in ``cptoy/checkpoints/``."""
+    return bool(_demo_ranks(corpus))
+
+
+def demo_models(corpus: str = "code", num_prompts: int = 4,
+                max_chars: int = 100_000) -> DemoModels | None:
+    """The lowest- and highest-rank shipped checkpoints of ``corpus``, or None if none ship.
+
+    Prompts (``num_prompts`` of 32 tokens) and held-out ids come from the first ``max_chars``
+    characters of the corpus's validation split (``cptoy.evaluate``).
+    """
+    from cptoy import checkpoints
+    from cptoy.evaluate import heldout_ids, heldout_prompts
+
+    ranks = _demo_ranks(corpus)
+    if not ranks:
+        return None
+    models, tokenizer = {}, None
+    for r in sorted({ranks[0], ranks[-1]}):
+        model, tok, _ = checkpoints.load(f"{corpus}_r{r}")
+        models[f"rank {r}"] = model
+        tokenizer = tokenizer or tok
+    if tokenizer is None:
+        raise ValueError(f"the {corpus} checkpoints carry no tokenizer")
+    prompts = heldout_prompts(corpus, tokenizer, num=num_prompts, prompt_tokens=32, seed=0,
+                              max_chars=max_chars)
+    return DemoModels(corpus, models, tokenizer, prompts,
+                      heldout_ids(corpus, tokenizer, max_chars=max_chars))
+
+
+# ---------------------------------------------------------------------- serving
 def voila_command(port: int | None = None, open_browser: bool = False,
                   notebook: str | Path = DASHBOARD, ip: str = "127.0.0.1") -> list[str]:
     """The ``voila`` command line that serves ``notebook`` (what :func:`present` runs).

@@ -170,3 +170,45 @@ def main(argv=None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+# ---------------------------------------------------------------------- shipped-checkpoint checks
+CHECK_SLICE_BYTES = 16_000  # held-out text (start of the validation split) used by the load test
+
+
+def check_slice_ids(corpus: str, tokenizer, n_bytes: int = CHECK_SLICE_BYTES) -> torch.Tensor:
+    """Token ids of the first ``n_bytes`` characters of ``corpus``'s validation split."""
+    text = load_corpus(corpus).val[:n_bytes]
+    return torch.tensor(tokenizer.encode(text), dtype=torch.long)
+
+
+@torch.no_grad()
+def check_slice_metrics(model, ids: torch.Tensor) -> dict:
+    """Mean losses of ``model`` on non-overlapping blocks of ``ids`` (deterministic, eval mode)."""
+    model.eval()
+    n = model.n_future
+    T = model.config.block_size
+    span = T + n
+    blocks = [ids[i : i + span] for i in range(0, len(ids) - span + 1, span)]
+    out: dict[str, float] = {}
+    for blk in blocks:
+        for k, v in model.loss(blk[None]).items():
+            out[k] = out.get(k, 0.0) + float(v) / len(blocks)
+    return {k: out[k] for k in ("next_token_nll", "joint_nll", "first_token_nll")}
+
+
+def record_check_metrics(path: str, corpus: str) -> dict:
+    """Add ``metrics["check_slice"]`` (losses on the check slice) to a shipped checkpoint."""
+    from cptoy.data import tokenizer_from_dict
+    from cptoy.heads import MTPModel
+
+    model = MTPModel.load(path)
+    tok = tokenizer_from_dict(model.tokenizer_dict)
+    ckpt = MTPModel.read_checkpoint(path)
+    half = any(v.dtype == torch.float16 for v in ckpt["state_dict"].values())
+    metrics = dict(model.metrics)
+    metrics["check_slice"] = check_slice_metrics(model, check_slice_ids(corpus, tok))
+    metrics["corpus"] = corpus
+    model.save(path, tokenizer=tok, metrics=metrics, dtype=torch.float16 if half else torch.float32,
+               extra=model.extra)
+    return metrics

@@ -56,6 +56,57 @@ def _guarded(method):
     return wrapper
 
 
+# plotly's FigureWidget sends its whole front-end bundle (about 5 MB of JavaScript) as the
+# anywidget ESM of *every* figure, and the browser compiles it once per figure (about 0.9 s each
+# on two busy cores). anywidget gives each model 2 s to initialise; a figure that misses it still
+# draws but ignores every later update. With three or more figures on a page the later ones froze
+# (found by tests/test_browser.py). The figures made here send a small loader as the ESM and the
+# bundle as a separate synced string; the loader compiles the bundle once per page and shares it.
+_SHARED_BUNDLE_ESM = """
+const KEY = "__cptoy_plotly_widget_@VERSION@";
+function bundle(model) {
+  if (!globalThis[KEY]) {
+    const url = URL.createObjectURL(new Blob([model.get("_plotly_esm")],
+                                             {type: "text/javascript"}));
+    globalThis[KEY] = import(url)
+      .finally(() => URL.revokeObjectURL(url))
+      .catch((e) => { delete globalThis[KEY]; throw e; });
+  }
+  return globalThis[KEY];
+}
+export default async () => {
+  let inner = null;  // plotly's own widget object for this model
+  return {
+    async initialize(ctx) {
+      inner = (await bundle(ctx.model)).default();
+      return inner.initialize(ctx);
+    },
+    render(ctx) { return inner.render(ctx); },
+  };
+};
+"""
+
+
+@functools.cache
+def _figure_widget_class():
+    """``go.FigureWidget`` whose JavaScript bundle is compiled once per page (see above)."""
+    import plotly
+    import plotly.graph_objects as go
+    import traitlets
+    from plotly.basewidget import BaseFigureWidget
+
+    class SharedBundleFigureWidget(go.FigureWidget):
+        _esm = _SHARED_BUNDLE_ESM.replace("@VERSION@", plotly.__version__)
+        _plotly_esm = traitlets.Unicode(str(BaseFigureWidget._esm)).tag(sync=True)
+
+    return SharedBundleFigureWidget
+
+
+def _figure_widget(fig):
+    """A plotly ``FigureWidget`` of ``fig`` that stays responsive with many figures on a page."""
+    return _figure_widget_class()(fig)
+
+
 def _sync_figures(figures) -> None:
     """Push each ``FigureWidget``'s current data and layout into its synced state.
 
@@ -319,7 +370,7 @@ def cp_explorer(
         fig.update_yaxes(_token_axis(labels), autorange="reversed", row=1, col=k + 1)
     fig.update_layout(**_base_layout(460))
     fig.update_annotations(font_size=FONT_SIZE + 2)
-    slices = go.FigureWidget(fig)
+    slices = _figure_widget(fig)
 
     # --- curves: KL, TV, E vs rank; one trace per (method, metric), then the current point
     ranks = list(range(1, max_rank + 1))
@@ -344,7 +395,7 @@ def cp_explorer(
     fig.update_yaxes(range=[0.95, n + 0.1], row=1, col=3)
     fig.update_layout(**_base_layout(400), legend=dict(orientation="h", y=-0.3))
     fig.update_annotations(font_size=FONT_SIZE + 2)
-    curves = go.FigureWidget(fig)
+    curves = _figure_widget(fig)
 
     panel = w.VBox([
         w.HBox([rank_slider, method_dropdown, slice_dropdown]),
@@ -361,6 +412,384 @@ def cp_explorer(
     for control in (rank_slider, method_dropdown, slice_dropdown):
         control.observe(ex.update, names="value")
     ex.update()
+    return ex
+
+
+# ====================================================================== expert_weights
+# The CP heads as a mixture of experts, on text you type: the gate at every position, the
+# posterior gate after the actual next token, and what each expert predicts. (Token labels and
+# the text box reuse the small helpers of the decoding panels below: _tok_label, _span, ...)
+__all__ += ["ExpertWeights", "expert_weights"]
+
+_GATE_SCALE = "Blues"  # colour scale of the gate heatmaps (weights in [0, 1])
+_TRUE_BG = "#a5d6a7"  # background of the actual next tokens (in the text and the tables)
+_MAX_TICKS = 48  # at most this many token labels on the heatmaps' position axis
+
+
+@dataclass
+class ExpertWeights:
+    """The panel returned by :func:`expert_weights`; display it by ending a cell with it.
+
+    After each update, ``ids`` (T,), ``gate`` (T, r), ``posterior`` (T, r) (row t: the gate
+    after conditioning on the actual token x_{t+1}; NaN at the last position, which has no next
+    token) and ``top`` (the selected position's top-k tokens per expert and future position)
+    hold the numbers on screen.
+    """
+
+    widget: object  # ipywidgets.VBox: the whole panel
+    text_box: object  # ipywidgets.Textarea: the text (updates when it loses focus / on Python set)
+    position_slider: object  # ipywidgets.IntSlider: position t, the heads predict x_{t+1..t+n}
+    message: object  # ipywidgets.HTML status line (numbers, or what is wrong with the input)
+    text_view: object  # ipywidgets.HTML: the tokens, t boxed, its actual next n tokens in green
+    experts_view: object  # ipywidgets.HTML: table of each expert's top-k tokens per position
+    figures: dict  # "gate": heatmaps w and w' (experts x positions); "position": bars at t
+    model: object = field(repr=False)  # MTPModel (backbone + heads)
+    tokenizer: object = field(repr=False)  # encode(str) -> ids, decode(ids) -> str
+    settings: dict = field(default_factory=dict)  # top_k
+    ids: list = field(default_factory=list)  # (T,) token ids of the current text
+    gate: torch.Tensor | None = field(default=None, repr=False)  # (T, r) prior gate w_t
+    posterior: torch.Tensor | None = field(default=None, repr=False)  # (T, r) w'_t | x_{t+1}
+    top: dict = field(default_factory=dict, repr=False)  # "ids", "probs": (n, r, k) at t
+    hidden: torch.Tensor | None = field(default=None, repr=False)  # (T, d) backbone states
+    status: str = ""  # the status line as plain text
+    _busy: bool = field(default=False, repr=False)
+
+    def say(self, text: str, kind: str = "info") -> None:
+        """Show ``text`` in the status line (``kind`` "info" or "error")."""
+        self.status = ("⚠ " if kind == "error" else "") + text
+        self.message.value = _message_html(text, kind)
+
+    @property
+    def rank(self) -> int:
+        return self.model.heads.rank
+
+    @property
+    def n_future(self) -> int:
+        return self.model.heads.n_future
+
+    def set_text(self, text: str) -> None:
+        """Replace the text (as typing would) and redraw."""
+        self.text_box.value = text
+
+    # ------------------------------------------------------------------ computation
+    def _clear(self, why: str) -> None:
+        """Empty every figure and view and show ``why`` (bad input) as an error."""
+        self.ids, self.gate, self.posterior, self.hidden, self.top = [], None, None, None, {}
+        fg, fp = self.figures["gate"], self.figures["position"]
+        with fg.batch_update():
+            for tr in fg.data:
+                tr.z, tr.x, tr.text = [], [], []
+            for sh in fg.layout.shapes:
+                sh.visible = False
+        with fp.batch_update():
+            for tr in fp.data:
+                tr.x, tr.y = [], []
+        self.text_view.value = ""
+        self.experts_view.value = ""
+        self.say(why, "error")
+
+    @torch.no_grad()
+    def _compute(self, ids: list[int]) -> None:
+        """Backbone states, gate and posterior gate at every position of ``ids``."""
+        m = self.model
+        dev = next(m.parameters()).device
+        was_training = m.training
+        m.eval()
+        try:
+            hidden = m.backbone(torch.tensor([ids], device=dev))[0]  # (T, d)
+            gate = m.heads.gate_log_probs(hidden)  # (T, r) log w
+            T, r = gate.shape
+            post = torch.full((T, r), float("nan"), dtype=torch.float64)
+            if T > 1:
+                z1 = m.heads.factor_logits(hidden[:-1], n_pos=1)[:, 0]  # (T-1, r, V) position 1
+                nxt = torch.tensor(ids[1:], device=dev).view(T - 1, 1, 1).expand(T - 1, r, 1)
+                lq1 = (z1.gather(-1, nxt).squeeze(-1)
+                       - torch.logsumexp(z1, dim=-1))  # (T-1, r) log q_{1,a}(x_{t+1})
+                post[:-1] = torch.log_softmax(gate[:-1] + lq1, dim=-1).double().exp().cpu()
+        finally:
+            m.train(was_training)
+        self.ids = list(ids)
+        self.hidden = hidden
+        self.gate = gate.double().exp().cpu()
+        self.posterior = post
+
+    @torch.no_grad()
+    def _top_at(self, t: int) -> None:
+        """Top-k tokens of every factor q_{s,a} at position t: (n, r, k) ids and probs."""
+        z = self.model.heads.factor_logits(self.hidden[t])  # (n, r, V)
+        probs = torch.softmax(z.double(), dim=-1)
+        k = min(self.settings["top_k"], probs.shape[-1])
+        vals, idx = probs.topk(k, dim=-1)  # (n, r, k)
+        self.top = {"ids": idx.cpu(), "probs": vals.cpu(), "factors": probs.cpu()}
+
+    # ------------------------------------------------------------------ callbacks
+    @_guarded
+    def update_text(self, change=None):
+        """Re-read the text box: tokenize, run the model once, redraw (the text's callback)."""
+        text = self.text_box.value
+        block = self.model.backbone.config.block_size
+        if not isinstance(text, str) or not text:
+            self._clear("the text is empty: type (or paste) some text into the box")
+            return
+        ids = list(self.tokenizer.encode(text))
+        if not ids:
+            self._clear("the text gives no tokens: type some text into the box")
+            return
+        if len(ids) > block:
+            self._clear(f"the text is {len(ids)} tokens long, but the model reads at most "
+                        f"{block} (its block size): shorten it by {len(ids) - block} tokens")
+            return
+        self._compute(ids)
+        T = len(ids)
+        self._draw_gate()
+        if change is None:  # first draw: the requested position, else the one before the last
+            t = self.settings.get("position", max(T - 2, 0))
+            if t > T - 1:
+                raise ValueError(f"position must be in [0, {T - 1}] for this text of {T} "
+                                 f"tokens, got {t}")
+        else:  # new text: keep the position where it still exists
+            t = min(self.position_slider.value, T - 1)
+        self._busy = True  # one redraw below, not one per slider attribute change
+        try:
+            self.position_slider.max = max(T - 1, 0)
+            self.position_slider.value = t
+        finally:
+            self._busy = False
+        self.show_position()
+
+    def _labels(self) -> list[str]:
+        return [_tok_label(self.tokenizer, i) for i in self.ids]
+
+    def _draw_gate(self) -> None:
+        T, r = self.gate.shape
+        labels = self._labels()
+        step = max(1, math.ceil(T / _MAX_TICKS))
+        ticks = dict(tickmode="array", tickvals=list(range(0, T, step)),
+                     ticktext=[labels[i] for i in range(0, T, step)], tickangle=-60)
+        nxt = [_tok_label(self.tokenizer, i) for i in self.ids[1:]] + ["(end of text)"]
+        fg = self.figures["gate"]
+        with fg.batch_update():
+            for k, W in enumerate((self.gate, self.posterior)):
+                tr = fg.data[k]
+                tr.z = W.T.tolist()  # (r, T): NaN (the last posterior column) is a gap
+                tr.x = list(range(T))
+                tr.y = list(range(r))
+                tr.text = [[f"t={t} after '{labels[t]}', next '{nxt[t]}', expert {a}"
+                            for t in range(T)] for a in range(r)]
+            for ax in ("xaxis", "xaxis2"):
+                fg.layout[ax].update(ticks, range=[-0.5, T - 0.5])
+            for ax in ("yaxis", "yaxis2"):
+                fg.layout[ax].update(tickvals=list(range(r)), range=[r - 0.5, -0.5])
+            for sh in fg.layout.shapes:
+                sh.update(visible=True, y0=-0.5, y1=r - 0.5)
+
+    @_guarded
+    def show_position(self, change=None):
+        """Redraw the panels of the selected position (the slider's callback)."""
+        if self._busy or self.gate is None:
+            return
+        tok = self.tokenizer
+        T, r = self.gate.shape
+        n = self.n_future
+        t = int(self.position_slider.value)
+        self._top_at(t)
+        true_next = self.ids[t + 1: t + 1 + n]  # the actual x_{t+1..}, up to n of them
+        w, wp = self.gate[t], self.posterior[t]  # (r,), (r,) (NaN at the last position)
+        has_next = bool(true_next)
+
+        # --- the selected column on the heatmaps, and the bars at t
+        fg = self.figures["gate"]
+        with fg.batch_update():
+            for sh in fg.layout.shapes:
+                sh.update(x0=t - 0.5, x1=t + 0.5)
+        fp = self.figures["position"]
+        experts = list(range(r))
+        with fp.batch_update():
+            fp.data[0].x, fp.data[0].y = experts, w.tolist()
+            fp.data[1].x = experts if has_next else []
+            fp.data[1].y = wp.tolist() if has_next else []
+            fp.layout.xaxis.tickvals = experts
+            after = f" | xₜ₊₁ = '{_tok_label(tok, true_next[0])}'" if has_next else ""
+            fp.layout.title.text = f"gate at t = {t}{after}"
+
+        # --- the text: prefix, t boxed, the actual next n tokens in green
+        spans = [_span(_tok_text(tok, i), None, "color:#555;") for i in self.ids[:t]]
+        spans.append(_span(_tok_text(tok, self.ids[t]), "#fff59d",
+                           "outline:2px solid #333; font-weight:bold;"))
+        spans += [_span(_tok_text(tok, i), _TRUE_BG) for i in true_next]
+        spans += [_span(_tok_text(tok, i), None, "color:#aaa;") for i in self.ids[t + 1 + n:]]
+        self.text_view.value = (
+            f'<div style="font-size:{FONT_SIZE}px">position t = {t} (boxed): the heads at t '
+            f'predict the next {n} tokens; the actual ones are '
+            + _span(" green ", _TRUE_BG) + "</div>" + _text_box(spans))
+
+        # --- each expert's top-k tokens per future position
+        self.experts_view.value = self._experts_table(t, true_next)
+
+        # --- numbers
+        usage = self.gate.mean(0)  # (r,) mean gate over the text's positions
+        H = float(-(usage * usage.clamp_min(1e-300).log()).sum())
+        msg = (f"t = {t} of {T - 1}, after '{_tok_label(tok, self.ids[t])}': top expert "
+               f"{int(w.argmax())} (w = {float(w.max()):.2f})")
+        if has_next:
+            msg += (f"; after the actual next token '{_tok_label(tok, true_next[0])}' top expert "
+                    f"{int(wp.argmax())} (w′ = {float(wp.max()):.2f})")
+        if len(true_next) >= 2:
+            q2 = self.top["factors"][1, :, true_next[1]]  # (r,) q_{2,a}(x_{t+2})
+            msg += (f"; Q(xₜ₊₂ = '{_tok_label(tok, true_next[1])}') "
+                    f"{float((w * q2).sum()):.3f} before → {float((wp * q2).sum()):.3f} "
+                    f"after conditioning on xₜ₊₁")
+        if r == 1:
+            msg += " · rank 1: a single expert, nothing to gate or condition"
+        else:
+            msg += (f" · expert usage over the text: entropy {H:.2f} of max log r = "
+                    f"{math.log(r):.2f} nats")
+        self.say(msg)
+
+    def _experts_table(self, t: int, true_next: list[int]) -> str:
+        tok = self.tokenizer
+        ids, probs = self.top["ids"], self.top["probs"]  # (n, r, k)
+        n, r, k = ids.shape
+        w, wp = self.gate[t], self.posterior[t]
+        has_next = bool(true_next)
+        best = int(wp.argmax()) if has_next else int(w.argmax())
+        cell = "padding:3px 8px; border:1px solid #ccc; vertical-align:top;"
+        head = (f'<th style="{cell}">expert a</th><th style="{cell}">w</th>'
+                + (f'<th style="{cell}">w′ | x<sub>t+1</sub></th>' if has_next else ""))
+        for s in range(n):
+            true = (f"<br><span style='background:{_TRUE_BG}'>"
+                    f"{html.escape(_tok_label(tok, true_next[s]))}</span>"
+                    if s < len(true_next) else "")
+            head += f'<th style="{cell}">q(x<sub>t+{s + 1}</sub> | a){true}</th>'
+        rows = []
+        for a in range(r):
+            style = "font-weight:bold; background:#fffde7;" if a == best and r > 1 else ""
+            tds = (f'<td style="{cell}">{a}</td><td style="{cell}">{float(w[a]):.2f}</td>'
+                   + (f'<td style="{cell}">{float(wp[a]):.2f}</td>' if has_next else ""))
+            for s in range(n):
+                items = []
+                for j in range(k):
+                    v = int(ids[s, a, j])
+                    hit = s < len(true_next) and v == true_next[s]
+                    bg = f"background:{_TRUE_BG};" if hit else ""
+                    items.append(f'<span style="{bg}">{html.escape(_tok_label(tok, v))}'
+                                 f"</span>&nbsp;<span style='color:#777'>"
+                                 f"{float(probs[s, a, j]):.2f}</span>")
+                tds += f'<td style="{cell} font-family:monospace">' + "<br>".join(items) + "</td>"
+            rows.append(f'<tr style="{style}">{tds}</tr>')
+        caption = (f"each expert's top {k} tokens per future position at t = {t} "
+                   "(bold: the expert the posterior gate favours; green: the actual token)")
+        return (f'<div style="font-size:{FONT_SIZE}px; overflow-x:auto">'
+                f'<div style="padding:4px 0">{html.escape(caption)}</div>'
+                f'<table style="border-collapse:collapse"><tr>{head}</tr>{"".join(rows)}'
+                "</table></div>")
+
+    # ------------------------------------------------------------------ display
+    def _repr_mimebundle_(self, **kwargs):
+        _sync_figures(self.figures.values())
+        return self.widget._repr_mimebundle_(**kwargs)
+
+
+def expert_weights(
+    model,
+    tokenizer,
+    text: str = "for i in range(10):\n    print(i)\n",
+    top_k: int = 5,
+    position: int | None = None,
+) -> ExpertWeights:
+    """Watch CP heads work as a mixture of experts on text you type.
+
+    ``model``: an MTPModel (``.backbone`` and ``.heads``); ``tokenizer``: its tokenizer
+    (``encode``/``decode``). The panel tokenizes ``text`` (a text box you can edit), runs the
+    backbone once and shows
+
+    * the gate ``w_t = softmax(W_g h_t)`` at every position t as a heatmap (experts x positions,
+      token strings on the axis), and below it the posterior gate after conditioning on the
+      actual next token, ``w'_{t,a} ∝ w_{t,a} q_{1,a}(x_{t+1})`` (the last position has no next
+      token: a gap);
+    * at the position chosen with the slider (initially ``position``, default the one before
+      the last): the prior and posterior gate as bars, the text with the actual next n tokens
+      marked, and a table of each expert's ``top_k`` most likely tokens for every future
+      position ``q_{s,a}``, the actual token highlighted where an expert has it in its top k.
+
+    Bad text (empty, or longer than the model's block) shows a message in the panel instead of
+    a traceback; bad arguments raise ``TypeError``/``ValueError`` here.
+    """
+    if not (hasattr(model, "backbone") and hasattr(model, "heads")
+            and hasattr(model.heads, "gate_log_probs")):
+        raise TypeError(f"model must be an MTPModel (with .backbone and CP .heads), "
+                        f"got {type(model).__name__}")
+    if not (callable(getattr(tokenizer, "encode", None))
+            and callable(getattr(tokenizer, "decode", None))):
+        raise TypeError("tokenizer must have encode(str) -> list[int] and decode(list[int]) -> str")
+    if not isinstance(text, str):
+        raise TypeError(f"text must be a str, got {type(text).__name__}")
+    V = model.backbone.config.vocab_size
+    check_positive_int(top_k, "top_k")
+    if top_k > V:
+        raise ValueError(f"top_k must be at most the vocabulary size {V}, got {top_k}")
+    if position is not None:
+        check_positive_int(position, "position", minimum=0)
+    r = model.heads.rank
+
+    import ipywidgets as w
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    text_box = w.Textarea(value=text, continuous_update=False, rows=4,
+                          description="text", placeholder="type code or text here",
+                          layout=w.Layout(width="95%"),
+                          style={"description_width": "60px", "font_size": f"{FONT_SIZE}px"})
+    slider = w.IntSlider(value=0, min=0, max=1, step=1, description="position t",
+                         continuous_update=True, layout=w.Layout(width="95%"),
+                         style={"description_width": "90px"})
+    message = w.HTML(_message_html("reading the text…"))
+    text_view, experts_view = w.HTML(), w.HTML()
+
+    # --- heatmaps: prior gate and posterior gate, experts x positions
+    fig = make_subplots(rows=2, cols=1, shared_xaxes=False, vertical_spacing=0.22,
+                        subplot_titles=("gate w_t (before the next token)",
+                                        "posterior gate w′_t (after the actual next token)"))
+    for k in range(2):
+        fig.add_trace(go.Heatmap(
+            z=[], colorscale=_GATE_SCALE, zmin=0.0, zmax=1.0, showscale=k == 0,
+            colorbar=dict(len=1.0, thickness=14, title="weight"),
+            hovertemplate="%{text}<br>weight %{z:.3f}<extra></extra>", xgap=1, ygap=1,
+        ), row=k + 1, col=1)
+        fig.update_yaxes(title_text="expert", row=k + 1, col=1)
+        fig.add_shape(type="rect", x0=-0.5, x1=0.5, y0=-0.5, y1=r - 0.5,
+                      line=dict(color="#d62728", width=3), row=k + 1, col=1)
+    fig.update_layout(**_base_layout(260 + 2 * max(110, 28 * r)))
+    fig.update_layout(margin=dict(l=70, r=30, t=60, b=90))
+    fig.update_annotations(font_size=FONT_SIZE + 1)
+    gate_fig = _figure_widget(fig)
+
+    # --- bars at the selected position
+    fig = go.Figure()
+    fig.add_trace(go.Bar(x=[], y=[], name="w (before)", marker_color="#bbbbbb"))
+    fig.add_trace(go.Bar(x=[], y=[], name="w′ (after the actual next token)",
+                         marker_color=_Q_COLOR))
+    fig.update_layout(**_base_layout(340), barmode="group", title="gate at t",
+                      xaxis_title="expert a", yaxis_title="weight", yaxis_range=[0, 1.05],
+                      legend=dict(orientation="h", y=-0.3))
+    pos_fig = _figure_widget(fig)
+
+    panel = w.VBox([text_box, slider, message, text_view, gate_fig,
+                    w.HBox([pos_fig, experts_view])])
+    ex = ExpertWeights(
+        widget=panel, text_box=text_box, position_slider=slider, message=message,
+        text_view=text_view, experts_view=experts_view,
+        figures={"gate": gate_fig, "position": pos_fig}, model=model, tokenizer=tokenizer,
+        settings=dict(top_k=top_k) | ({} if position is None else {"position": position}),
+    )
+    text_box.observe(ex.update_text, names="value")
+    slider.observe(ex.show_position, names="value")
+    if position is not None:  # a position beyond the text is an argument error, not a message
+        ids = tokenizer.encode(text) if text else []
+        if 0 < len(ids) <= model.backbone.config.block_size and position >= len(ids):
+            raise ValueError(f"position must be in [0, {len(ids) - 1}] for this text of "
+                             f"{len(ids)} tokens, got {position}")
+    ex.update_text()
     return ex
 
 
@@ -582,6 +1011,7 @@ class AcceptanceExplorer:
         self.say(msg)
 
     def _repr_mimebundle_(self, **kwargs):
+        _sync_figures(self.figures.values())
         return self.widget._repr_mimebundle_(**kwargs)
 
 
@@ -666,7 +1096,7 @@ def acceptance_explorer(
     fig.update_layout(**_base_layout(380), width=600, title="tokens per step",
                       xaxis_title="tokens gained in one forward", yaxis_title="fraction of steps",
                       yaxis_range=[0, 1.1], legend=dict(orientation="h", y=-0.25))
-    tokens_fig = go.FigureWidget(fig)
+    tokens_fig = _figure_widget(fig)
 
     fig = go.Figure()
     fig.add_trace(go.Bar(x=[], y=[], name="measured (accepted / tried)", marker_color=_P_COLOR,
@@ -679,7 +1109,7 @@ def acceptance_explorer(
     fig.update_layout(**_base_layout(380), width=600, title="acceptance by draft position",
                       xaxis_title="draft position j", yaxis_title="Pr(accept | earlier accepted)",
                       yaxis_range=[0, 1.1], legend=dict(orientation="h", y=-0.25))
-    acc_fig = go.FigureWidget(fig)
+    acc_fig = _figure_widget(fig)
 
     panel = w.VBox([
         w.HBox([model_dd, strat_dd]), w.HBox([temp, n_sl]), prompt_dd, message, text,
@@ -860,6 +1290,7 @@ class SpeculativeStepper:
                  f"{g.stats.tokens_per_step:.2f} tokens per step, T={T:g}")
 
     def _repr_mimebundle_(self, **kwargs):
+        _sync_figures(self.figures.values())
         return self.widget._repr_mimebundle_(**kwargs)
 
 
@@ -928,7 +1359,7 @@ def speculative_stepper(
     fig.update_layout(**_base_layout(340), barmode="group", title="gate",
                       xaxis_title="expert a", yaxis_title="weight", yaxis_range=[0, 1.15],
                       legend=dict(orientation="h", y=-0.3))
-    gate_fig = go.FigureWidget(fig)
+    gate_fig = _figure_widget(fig)
 
     fig = make_subplots(rows=1, cols=k, subplot_titles=[f"d{j + 2}" for j in range(k)],
                         horizontal_spacing=0.06)
@@ -945,7 +1376,7 @@ def speculative_stepper(
                       legend=dict(orientation="h", y=-0.4))
     fig.update_layout(margin=dict(t=100))
     fig.update_annotations(font_size=FONT_SIZE - 1)
-    pq_fig = go.FigureWidget(fig)
+    pq_fig = _figure_widget(fig)
 
     panel = w.VBox([w.HBox([prev_b, next_b, step_sl]), w.HBox([temp, seed_box]), message, text,
                     gate_fig, pq_fig])

@@ -55,13 +55,18 @@ try:
 except ImportError:  # pragma: no cover - depends on the environment
     sync_playwright = None
 
-pytestmark = [
-    pytest.mark.browser,
-    pytest.mark.skipif(sync_playwright is None,
-                       reason="playwright is not installed (pip install -e '.[dev]')"),
-    pytest.mark.skipif(CHROMIUM is None,
-                       reason="chromium is not installed (Debian: apt-get install chromium)"),
-]
+
+def needs_browser(test):
+    """Mark ``test`` as a browser test, skipped (with the reason) without chromium/playwright."""
+    for mark in (
+        pytest.mark.browser,
+        pytest.mark.skipif(sync_playwright is None,
+                           reason="playwright is not installed (pip install -e '.[dev]')"),
+        pytest.mark.skipif(CHROMIUM is None,
+                           reason="chromium is not installed (Debian: apt-get install chromium)"),
+    ):
+        test = mark(test)
+    return test
 
 
 # ====================================================================== processes
@@ -96,11 +101,12 @@ def _descendants(pid: int) -> list[int]:
 
 
 def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie, killed and waiting to be reaped, does not)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
         return False
-    return True
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 class Server:
@@ -217,6 +223,8 @@ def browser():
 @pytest.fixture(scope="module")
 def artifacts():
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    for old in ARTIFACTS.glob("*.png"):  # only this run's screenshots
+        old.unlink()
     return ARTIFACTS
 
 
@@ -273,6 +281,10 @@ def page(browser):
     pg.set_default_timeout(60_000)
     pg.cptoy_log = PageLog(pg)
     yield pg
+    try:  # stop this notebook's kernel now (the server stops any left at the end)
+        pg.evaluate("() => window.__nb ? window.__nb.sessionContext.shutdown() : null")
+    except Exception:  # noqa: BLE001 - a page that never opened a notebook, or already gone
+        pass
     context.close()
 
 
@@ -363,6 +375,7 @@ PROBE = r"""
 def _cptoy_probe(ids):
     import json
     import math
+    import sys
 
     import numpy as np
     from ipywidgets import Widget
@@ -390,7 +403,8 @@ def _cptoy_probe(ids):
         for c in walk(w) if w is not None else ():
             name = type(c).__name__
             info["kinds"].append(name)
-            if type(c).__module__.startswith("plotly") and hasattr(c, "data"):
+            basewidget = sys.modules.get("plotly.basewidget")  # imported by any FigureWidget
+            if basewidget is not None and isinstance(c, basewidget.BaseFigureWidget):
                 info["figures"].append([[[len(v), sum(abs(e) for e in v)]
                                          for v in (numbers(getattr(t, a, None))
                                                    for a in ("x", "y", "z"))]
@@ -563,6 +577,7 @@ def test_notebooks_are_found():
     assert NOTEBOOKS, "no notebooks/*.ipynb"
 
 
+@needs_browser
 @pytest.mark.parametrize("notebook", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
 def test_notebook_runs_and_its_widgets_render_and_respond(page, lab, artifacts, notebook):
     where = notebook.name
@@ -587,13 +602,25 @@ def test_notebook_runs_and_its_widgets_render_and_respond(page, lab, artifacts, 
 
 
 # ---------------------------------------------------------------------- bad input
-ROBUSTNESS_NOTEBOOK = {
+def _code_cell(source: str) -> dict:
+    return {"cell_type": "code", "metadata": {}, "outputs": [], "execution_count": None,
+            "source": source}
+
+
+ROBUSTNESS_NOTEBOOK = {  # written into the server's temporary folder only
     "cells": [
-        {"cell_type": "code", "metadata": {}, "outputs": [], "execution_count": None,
-         "source": "from cptoy.joint import HMM\nfrom cptoy.widgets import cp_explorer"},
-        {"cell_type": "code", "metadata": {}, "outputs": [], "execution_count": None,
-         "source": "ex = cp_explorer(HMM(3, 5, stickiness=0.9, seed=1).joint(3), max_rank=3,"
-                   " n_iter=50, seed=0)\nex"},
+        _code_cell("import torch\n"
+                   "from cptoy.data import ByteTokenizer\n"
+                   "from cptoy.heads import MTPModel\n"
+                   "from cptoy.joint import HMM\n"
+                   "from cptoy.model import GPTConfig\n"
+                   "from cptoy.widgets import cp_explorer, expert_weights\n"
+                   "torch.manual_seed(0)"),
+        _code_cell("ex = cp_explorer(HMM(3, 5, stickiness=0.9, seed=1).joint(3), max_rank=3,"
+                   " n_iter=50, seed=0)\nex"),
+        _code_cell("tiny = MTPModel(GPTConfig.preset('tiny', vocab_size=256, block_size=16),"
+                   " n_future=3, rank=2).eval()\n"
+                   "ew = expert_weights(tiny, ByteTokenizer(), text='def f(x):')\new"),
     ],
     "metadata": {"kernelspec": {"display_name": "Python 3 (ipykernel)", "language": "python",
                                 "name": "python3"}},
@@ -602,23 +629,28 @@ ROBUSTNESS_NOTEBOOK = {
 
 
 def _type_into(page, locator, text: str) -> None:
+    """Select what the box holds, type ``text``, press Enter."""
     locator.click()
     page.keyboard.press("Control+A")
     page.keyboard.type(text)
     page.keyboard.press("Enter")
 
 
+@needs_browser
 def test_bad_input_shows_a_clear_state_or_message_never_a_traceback(page, lab, artifacts):
-    name = "_robustness.ipynb"  # written into the server's temporary copy only
+    name = "_robustness.ipynb"
     (lab.nbdir / name).write_text(json.dumps(ROBUSTNESS_NOTEBOOK))
     log_start = len(lab.log_text())
     outputs = open_and_run(page, lab, name)
     assert_no_errors(page, outputs, lab, log_start, name)
-    (o,) = [o for o in outputs if "model_id" in o]
-    node = page.locator(f'[data-cptoy-widget="{o["widget"]}"]')
-    info = probe(page, [o["model_id"]])[0]
-    assert_rendered(page, node, info, name)
-    assert info["sliders"][0]["max"] == 3
+    o_cp, o_ew = [o for o in outputs if "model_id" in o]
+    infos = probe(page, [o_cp["model_id"], o_ew["model_id"]])
+    nodes = [page.locator(f'[data-cptoy-widget="{o["widget"]}"]') for o in (o_cp, o_ew)]
+    for node, info in zip(nodes, infos, strict=True):
+        assert_rendered(page, node, info, name)
+
+    # ---- cp_explorer (max_rank 3)
+    node = nodes[0]
     readout = node.locator(".widget-slider .widget-readout")
 
     def status() -> str:
@@ -628,7 +660,7 @@ def test_bad_input_shows_a_clear_state_or_message_never_a_traceback(page, lab, a
     figs = fingerprint(node)
     _type_into(page, readout, "99")
     wait_for(lambda: not same_figures(fingerprint(node), figs), CHANGE_S, "rank 99 to apply")
-    info = settle(page, node, o["model_id"], "rank 99")
+    info = settle(page, node, o_cp["model_id"], "rank 99")
     assert info["sliders"][0]["value"] == 3
     assert readout.inner_text().strip() == "3"
     assert "rank 3" in status() and "⚠" not in status(), status()
@@ -637,25 +669,125 @@ def test_bad_input_shows_a_clear_state_or_message_never_a_traceback(page, lab, a
     _type_into(page, readout, "abc")
     wait_for(lambda: readout.inner_text().strip() == "3", RENDER_S, "the readout to revert")
     time.sleep(1.0)
-    assert probe(page, [o["model_id"]])[0]["sliders"][0]["value"] == 3
+    assert probe(page, [o_cp["model_id"]])[0]["sliders"][0]["value"] == 3
     assert "⚠" not in status(), status()
 
-    # 3. an invalid joint fed to the live panel (no longer sums to 1), then the slider moved:
-    #    a ⚠ message in the panel, no traceback anywhere
+    # 3. an invalid joint fed to the live panel (no longer sums to 1), then the slider moved
     assert "KERNEL ERROR" not in kernel_exec(page, "ex.P = ex.P * 2")
     node.locator(".widget-slider .noUi-handle").focus()
     page.keyboard.press("ArrowLeft")
     wait_for(lambda: "⚠" in status(), CHANGE_S, "a ⚠ message for the invalid joint")
     assert "sum to 1" in status(), status()
-    screenshot(node, artifacts / "robustness_invalid_joint.png")
+    screenshot(node, artifacts / "robustness_cp_explorer_invalid_joint.png")
+
+    # ---- expert_weights (block size 16): empty text, text longer than the block, then good text
+    node = nodes[1]
+    box = node.locator(".widget-textarea textarea")
+    for text, expect in [("", "empty"), ("x = 1 + 2 + 3 + 4 + 5", "block size")]:
+        box.fill(text)
+        box.blur()  # the box updates when it loses focus
+        wait_for(lambda e=expect: "⚠" in status() and e in status(), CHANGE_S,
+                 f"a ⚠ message about {expect!r}")
+        settle(page, node, o_ew["model_id"], f"text {text!r}")
+        screenshot(node, artifacts / f"robustness_expert_weights_{expect.replace(' ', '_')}.png")
+    box.fill("x = 1")
+    box.blur()
+    wait_for(lambda: "⚠" not in status(), CHANGE_S, "the message to clear on good text")
+    info = settle(page, node, o_ew["model_id"], "good text")
+    assert all(any(s > 0 for t in f for _, s in t) for f in info["figures"]), info["figures"]
     assert_no_errors(page, page.evaluate(JS_OUTPUTS), lab, log_start, name + " (after input)")
 
 
+# ---------------------------------------------------------------------- lecture dashboard code
+def test_present_command_line_and_dashboard_file(capsys, tmp_path):
+    from cptoy.present import DASHBOARD, main, voila_command
+
+    assert main(["--dry-run", "--port", "8899"]) == 0
+    out = capsys.readouterr().out
+    for part in (str(DASHBOARD), "-m voila", "--port=8899", "--no-browser",
+                 "--strip_sources=True", "--Voila.ip=127.0.0.1"):
+        assert part in out, (part, out)
+    assert "--no-browser" not in voila_command(open_browser=True)
+    assert not any(a.startswith("--port") for a in voila_command())
+    for port in (0, 70_000, "8866", True):
+        with pytest.raises(ValueError, match="port"):
+            voila_command(port=port)
+    with pytest.raises(ValueError, match="notebook"):
+        voila_command(notebook=tmp_path / "missing.ipynb")
+    # the dashboard ships like the notebooks: no outputs, no execution counts
+    nb = json.loads(DASHBOARD.read_text())
+    for cell in nb["cells"]:
+        if cell["cell_type"] == "code":
+            assert cell["outputs"] == [] and cell["execution_count"] is None
+
+
+
+def _fake_checkpoints(folder: Path) -> None:
+    """Random tiny byte-level models saved as code_r1.pt and code_r3.pt (not trained)."""
+    import torch
+
+    from cptoy.data import ByteTokenizer
+    from cptoy.heads import MTPModel
+    from cptoy.model import GPTConfig
+
+    torch.manual_seed(0)
+    for r in (1, 3):
+        model = MTPModel(GPTConfig.preset("tiny", vocab_size=256, block_size=96), n_future=3,
+                         rank=r)
+        model.save(folder / f"code_r{r}.pt", tokenizer=ByteTokenizer())
+
+
+def _run_cell(source: str, ns: dict):
+    """Execute a cell's source in ``ns``; the value of its last line if that is an expression."""
+    import ast
+
+    tree = ast.parse(source)
+    last = tree.body.pop() if tree.body and isinstance(tree.body[-1], ast.Expr) else None
+    exec(compile(tree, "<dashboard>", "exec"), ns)
+    if last is not None:
+        return eval(compile(ast.Expression(last.value), "<dashboard>", "eval"), ns)
+    return None
+
+
+@pytest.mark.parametrize("shipped", [False, True], ids=["no-checkpoints", "checkpoints"])
+def test_dashboard_builds_its_panels(tmp_path, monkeypatch, shipped):
+    """The dashboard's code, run here: a panel per "panel" cell, and per "checkpoint-panel" cell
+    once checkpoints ship (faked with random tiny models), a note before; no ⚠ anywhere."""
+    import IPython.display
+
+    import cptoy.checkpoints
+    from cptoy.present import DASHBOARD, demo_available
+
+    if shipped:
+        _fake_checkpoints(tmp_path)
+    monkeypatch.setattr(cptoy.checkpoints, "HERE", tmp_path)
+    assert demo_available("code") is shipped
+    shown: list = []
+    monkeypatch.setattr(IPython.display, "display", lambda *objs, **kw: shown.extend(objs))
+    ns: dict = {}
+    for cell in json.loads(DASHBOARD.read_text())["cells"]:
+        if cell["cell_type"] != "code":
+            continue
+        tags = cell["metadata"].get("tags", [])
+        before = len(shown)
+        value = _run_cell("".join(cell["source"]), ns)
+        new = shown[before:] + ([value] if value is not None else [])
+        panels = [x for x in new if hasattr(x, "widget") and hasattr(x, "figures")]
+        if "panel" in tags or ("checkpoint-panel" in tags and shipped):
+            assert len(panels) == 1, (tags, new)
+            assert "⚠" not in panels[0].status, panels[0].status
+        else:
+            assert panels == [], (tags, new)
+    if not shipped:
+        assert any("checkpoints ship" in getattr(x, "data", "") for x in shown)
+
+
 # ---------------------------------------------------------------------- Voilà lecture mode
-def _panel_cells(notebook: Path) -> int:
-    """Code cells of the dashboard tagged "panel" (each displays one widget panel)."""
-    nb = json.loads(notebook.read_text())
-    return sum("panel" in c.get("metadata", {}).get("tags", []) for c in nb["cells"])
+def _panel_cells(notebook: Path, with_checkpoints: bool) -> int:
+    """Code cells of the dashboard tagged "panel" (each displays one widget panel), plus those
+    tagged "checkpoint-panel" when the demo checkpoints ship."""
+    tags = [c.get("metadata", {}).get("tags", []) for c in json.loads(notebook.read_text())["cells"]]
+    return sum("panel" in t or ("checkpoint-panel" in t and with_checkpoints) for t in tags)
 
 
 @pytest.fixture(scope="module")
@@ -674,8 +806,12 @@ def voila(tmp_path_factory):
         server.stop()
 
 
+@needs_browser
 def test_voila_lecture_dashboard_hides_code_renders_and_responds(page, voila, artifacts):
-    expected = _panel_cells(voila.dashboard)
+    from cptoy.present import demo_available
+
+    shipped = demo_available("code")
+    expected = _panel_cells(voila.dashboard, with_checkpoints=shipped)
     assert expected >= 2, "the dashboard should tag its widget cells with 'panel'"
     page.goto(voila.url + "/", wait_until="commit", timeout=SERVER_START_S * 1000)
     panels = page.locator(".jp-OutputArea-output:not(.jupyter-widgets .jp-OutputArea-output)"
@@ -693,6 +829,7 @@ def test_voila_lecture_dashboard_hides_code_renders_and_responds(page, voila, ar
         if len(line) > 12 and not line.startswith("#") and "<" not in line:
             assert line not in body, f"code is visible in Voilà: {line!r}"
     assert page.locator(".jp-InputArea-editor").count() == 0, "input cells are shown"
+    assert shipped or "checkpoints ship" in body, "no note on the missing decoding panels"
 
     for k in range(expected):
         node = panels.nth(k)
@@ -713,7 +850,8 @@ def test_voila_lecture_dashboard_hides_code_renders_and_responds(page, voila, ar
                      f"{where}: the slider to change the figure")
             time.sleep(0.5)
             node.screenshot(path=str(artifacts / f"voila_panel{k}_moved.png"))
-    page.screenshot(path=str(artifacts / "voila_dashboard.png"), full_page=True)
+    page.locator("h1").first.evaluate("n => n.scrollIntoView({block: 'start'})")
+    page.screenshot(path=str(artifacts / "voila_dashboard_top.png"))
     log = page.cptoy_log
     assert not log.page_errors, f"{log.page_errors}\nconsole errors: {log.console_errors}"
     assert "Traceback" not in voila.log_text(), voila.log_text()[-3000:]
