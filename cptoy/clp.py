@@ -83,6 +83,7 @@ __all__ = [
     "compare_decoders",
     "CONTROLLERS",
     "LABELS",
+    "DECODER_COLUMNS",
 ]
 
 CONTROLLERS = ("clp", "gate", "all", "none")
@@ -308,7 +309,9 @@ class GateNetwork(nn.Module):
         return self.net(x)  # (..., k - 1) gate logits
 
     def loss(self, features: torch.Tensor, labels=None, token_labels: torch.Tensor = None):
-        """Binary cross-entropy against the per-draft matches (N, k - 1)."""
+        """Binary cross-entropy against the per-draft matches ``token_labels`` (N, k - 1)."""
+        if token_labels is None:
+            raise ValueError("the gate network trains on token_labels (N, k - 1), got None")
         return F.binary_cross_entropy_with_logits(self(features), token_labels.float())
 
     @torch.no_grad()
@@ -820,6 +823,7 @@ def compare_decoders(decoders: list[Decoder], prompts, max_new_tokens: int,
     return rows
 
 
+# columns of a DecoderRow table for cptoy.evaluate.format_table
 DECODER_COLUMNS = [
     ("method", "method"), ("kind", "label"), ("tokens/forward", "tokens_per_forward"),
     ("speed-up (wall)", "speedup"), ("agreement with AR", "agreement"),

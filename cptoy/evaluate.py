@@ -38,7 +38,6 @@ corpora's validation split (``cptoy.data.load_corpus``), never from training tex
 from __future__ import annotations
 
 import math
-import statistics
 import time
 from dataclasses import dataclass, field, fields, is_dataclass
 
@@ -646,15 +645,21 @@ def decode_benchmark(
 
 
 # ====================================================================== verification cost
+def _low_quartile(xs: list[float]) -> float:
+    """The 25th percentile of ``xs`` (nearest rank)."""
+    ys = sorted(xs)
+    return ys[max(0, math.ceil(0.25 * len(ys)) - 1)]
+
+
 @dataclass
 class CostRow:
     """Cost of verifying k tokens in one cached forward, relative to a 1-token forward."""
 
     k: int  # tokens in the forward (x_1 plus k - 1 drafts)
-    ms: float  # median milliseconds of a k-token cached forward plus its logits
+    ms: float  # milliseconds of a k-token cached forward plus its logits (lower quartile)
     ratio: float  # t(k) / t(1)
     ceiling: float  # k * t(1) / t(k): wall-clock speed-up if every draft were accepted, free
-    draft_ms: float  # median milliseconds to draft k - 1 tokens (heads; nan for k = 1 / none)
+    draft_ms: float  # milliseconds to draft k - 1 tokens (lower quartile; nan: k = 1 / no heads)
     draft_ratio: float  # draft_ms / t(1)
     ceiling_with_draft: float  # k * t(1) / (t(k) + draft_ms) (nan where the heads can't draft)
 
@@ -665,9 +670,11 @@ def verify_cost(model, k_values=(1, 2, 3, 4, 5, 6), context_length: int = 64,
     """Time a k-token cached forward (plus logits) after ``context_length`` cached tokens, for
     each k, relative to k = 1; and, if the model has heads, the time to draft k - 1 tokens.
 
-    Timings are medians over ``repeats`` rounds; every round times every k once, in a random
-    order (seeded), so slow phases of a shared CPU hit all k alike. The cache is rolled back
-    after each forward.
+    Every round times every k once, in a random order (seeded), and the cache is rolled back
+    after each forward. Each figure is the lower quartile over ``repeats`` rounds: on a shared
+    CPU a sizeable fraction of calls is preempted by other processes (+4 to 10 ms on a 1.5 ms
+    forward, measured here), which would move a median; the lower quartile is the cost of the
+    computation itself.
     """
     from cptoy.decoding import _draft_fn, _takes_n_draft
 
@@ -723,11 +730,11 @@ def verify_cost(model, k_values=(1, 2, 3, 4, 5, 6), context_length: int = 64,
     finally:
         if was_training:
             model.train()
-    t1 = statistics.median(times[1])
+    t1 = _low_quartile(times[1])
     rows = []
     for k in ks:
-        tk = statistics.median(times[k])
-        dk = statistics.median(dtimes[k]) if not math.isnan(dtimes[k][0]) else float("nan")
+        tk = _low_quartile(times[k])
+        dk = _low_quartile(dtimes[k]) if not math.isnan(dtimes[k][0]) else float("nan")
         rows.append(CostRow(
             k=k, ms=1e3 * tk, ratio=tk / t1, ceiling=k * t1 / tk, draft_ms=1e3 * dk,
             draft_ratio=dk / t1,

@@ -449,7 +449,8 @@ class ExpertWeights:
     ids: list = field(default_factory=list)  # (T,) token ids of the current text
     gate: torch.Tensor | None = field(default=None, repr=False)  # (T, r) prior gate w_t
     posterior: torch.Tensor | None = field(default=None, repr=False)  # (T, r) w'_t | x_{t+1}
-    top: dict = field(default_factory=dict, repr=False)  # "ids", "probs": (n, r, k) at t
+    top: dict = field(default_factory=dict, repr=False)  # at t: "ids", "probs" (n, r, k) top-k
+    # of every factor, "factors" (n, r, V) all of them
     hidden: torch.Tensor | None = field(default=None, repr=False)  # (T, d) backbone states
     status: str = ""  # the status line as plain text
     _busy: bool = field(default=False, repr=False)
@@ -571,7 +572,9 @@ class ExpertWeights:
         with fg.batch_update():
             for k, W in enumerate((self.gate, self.posterior)):
                 tr = fg.data[k]
-                tr.z = W.T.tolist()  # (r, T): NaN (the last posterior column) is a gap
+                # (r, T); None, not NaN (not valid JSON for the front end), draws a gap: the
+                # posterior at the last position, which has no next token
+                tr.z = [[None if math.isnan(v) else v for v in row] for row in W.T.tolist()]
                 tr.x = list(range(T))
                 tr.y = list(range(r))
                 tr.text = [[f"t={t} after '{labels[t]}', next '{nxt[t]}', expert {a}"
@@ -769,11 +772,12 @@ def expert_weights(
     fig.add_trace(go.Bar(x=[], y=[], name="w (before)", marker_color="#bbbbbb"))
     fig.add_trace(go.Bar(x=[], y=[], name="w′ (after the actual next token)",
                          marker_color=_Q_COLOR))
-    fig.update_layout(**_base_layout(340), barmode="group", title="gate at t",
+    fig.update_layout(**_base_layout(380), width=520, barmode="group", title="gate at t",
                       xaxis_title="expert a", yaxis_title="weight", yaxis_range=[0, 1.05],
                       legend=dict(orientation="h", y=-0.3))
     pos_fig = _figure_widget(fig)
 
+    experts_view.layout = w.Layout(flex="1 1 auto", overflow="auto")
     panel = w.VBox([text_box, slider, message, text_view, gate_fig,
                     w.HBox([pos_fig, experts_view])])
     ex = ExpertWeights(

@@ -252,6 +252,9 @@ def lab(tmp_path_factory):
         server.stop()
 
 
+_JS_ERRORS: list[str] = []  # uncaught errors of the current page, for timeout messages
+
+
 class PageLog:
     """What a page did wrong: uncaught JS errors, and requests that left the machine."""
 
@@ -259,6 +262,8 @@ class PageLog:
         self.page_errors: list[str] = []
         self.console_errors: list[str] = []  # for failure messages only (offline fonts etc.)
         self.external: list[str] = []
+        _JS_ERRORS.clear()
+        self.page_errors = _JS_ERRORS
         page.on("pageerror", lambda e: self.page_errors.append(f"{e}\n{e.stack}"))
         page.on("console", lambda m: self.console_errors.append(m.text)
                 if m.type == "error" else None)
@@ -468,7 +473,8 @@ def wait_for(check, timeout: float, what: str, interval: float = 0.25):
         if value:
             return value
         if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout} s waiting for {what}")
+            pytest.fail(f"timed out after {timeout} s waiting for {what}"
+                        + (f"; JS errors: {_JS_ERRORS}" if _JS_ERRORS else ""))
         time.sleep(interval)
 
 

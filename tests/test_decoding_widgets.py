@@ -147,7 +147,7 @@ def test_stepper_steps_through_the_recorded_decode(models, tok, prompts):
     d = st.drafts[0]
     xs_labels = list(pq.layout.xaxis.ticktext)
     assert len(xs_labels) == 8  # top 8 tokens, the draft among them
-    i = [t for t in range(8)][list(pq.data[0].marker.line.width).index(3)]
+    i = list(pq.data[0].marker.line.width).index(3)  # the outlined bar is the draft
     assert _y(pq.data[0])[i] == pytest.approx(float(st.p[0, d]))
     assert _y(pq.data[1])[i] == pytest.approx(float(st.q[0, d]))
     assert f"{st.accept_prob[0]:.2f}" in pq.layout.annotations[0].text

@@ -1,5 +1,6 @@
 """cptoy.widgets.expert_weights: the CP heads as a mixture of experts on typed text."""
 
+import json
 import math
 
 import numpy as np
@@ -56,6 +57,9 @@ def test_builds_and_shows_the_gate_and_posterior_of_every_position(panel, model)
     np.testing.assert_allclose(z_prior, w.T.numpy(), atol=1e-6)
     np.testing.assert_allclose(z_post[:, :-1], post.T.numpy(), atol=1e-6)
     assert np.isnan(z_post[:, -1]).all()  # the last position has no next token
+    # ... drawn as a gap: None, since NaN is not valid JSON for the front end
+    for name, fw in panel.figures.items():
+        json.dumps(fw.to_plotly_json(), allow_nan=False, default=list)
     # the posterior really moved: conditioning on the next token changes the gate
     assert np.abs(z_post[:, :-1] - z_prior[:, :-1]).max() > 0.05
     # token strings on the position axis (whitespace made visible)
