@@ -543,6 +543,22 @@ def settle(page, node, model_id: str, where: str) -> dict:
     return info
 
 
+def press_slider(page, slider, key: str, where: str) -> None:
+    """Focus the slider's handle and press ``key``; again if the readout did not move (the
+    keyboard focus can be taken by a widget rendering at that moment)."""
+    readout = slider.locator(".widget-readout")
+    before = readout.inner_text()
+    for _ in range(3):
+        slider.locator(".noUi-handle").focus()
+        page.keyboard.press(key)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            if readout.inner_text() != before:
+                return
+            time.sleep(0.1)
+    pytest.fail(f"{where}: {key} on the slider's handle did not move it (readout {before!r})")
+
+
 def exercise_controls(page, node, model_id: str, info: dict, where: str) -> list[str]:
     """Move every slider (keyboard) and change every dropdown; each must change the page.
 
@@ -556,9 +572,8 @@ def exercise_controls(page, node, model_id: str, info: dict, where: str) -> list
         label = f"{where}: {kind} {i}"
         figs, texts = fingerprint(node), html_texts(node)
         if kind == "slider":
-            handle = node.locator(".widget-slider").nth(i).locator(".noUi-handle")
-            handle.focus()
-            page.keyboard.press("ArrowRight" if c["value"] < c["max"] else "ArrowLeft")
+            press_slider(page, node.locator(".widget-slider").nth(i),
+                         "ArrowRight" if c["value"] < c["max"] else "ArrowLeft", label)
         else:
             new = ((c["index"] or 0) + 1) % c["n"]
             node.locator(".widget-dropdown").nth(i).locator("select").select_option(index=new)
@@ -680,8 +695,7 @@ def test_bad_input_shows_a_clear_state_or_message_never_a_traceback(page, lab, a
 
     # 3. an invalid joint fed to the live panel (no longer sums to 1), then the slider moved
     assert "KERNEL ERROR" not in kernel_exec(page, "ex.P = ex.P * 2")
-    node.locator(".widget-slider .noUi-handle").focus()
-    page.keyboard.press("ArrowLeft")
+    press_slider(page, node.locator(".widget-slider").first, "ArrowLeft", name)
     wait_for(lambda: "⚠" in status(), CHANGE_S, "a ⚠ message for the invalid joint")
     assert "sum to 1" in status(), status()
     screenshot(node, artifacts / "robustness_cp_explorer_invalid_joint.png")
@@ -850,8 +864,7 @@ def test_voila_lecture_dashboard_hides_code_renders_and_responds(page, voila, ar
         node.screenshot(path=str(artifacts / f"voila_panel{k}.png"))
         if node.locator(".widget-slider").count():
             figs = fingerprint(node)
-            node.locator(".widget-slider .noUi-handle").first.focus()
-            page.keyboard.press("ArrowRight")
+            press_slider(page, node.locator(".widget-slider").first, "ArrowRight", where)
             wait_for(lambda n=node, f=figs: not same_figures(fingerprint(n), f), CHANGE_S,
                      f"{where}: the slider to change the figure")
             time.sleep(0.5)
