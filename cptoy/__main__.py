@@ -1,4 +1,4 @@
-"""Command line: ``python -m cptoy train | sample | figures``.
+"""Command line: ``python -m cptoy train | sample | figures | present``.
 
 Examples::
 
@@ -97,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     f = sub.add_parser("figures", help="regenerate the static figures")
     f.add_argument("--out", default="figures")
+    sub.add_parser("present", help="serve the lecture dashboard with Voila (see cptoy/present.py)",
+                   add_help=False)
     return p
 
 
@@ -266,6 +268,10 @@ def cmd_figures(args) -> int:
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["present"]:  # Voila lecture mode has its own options
+        from cptoy.present import main as present_main
+
+        return present_main(argv[1:])
     args = build_parser().parse_args(argv)
     args.argv = argv
     return {"train": cmd_train, "sample": cmd_sample, "figures": cmd_figures}[args.command](args)
