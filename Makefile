@@ -35,6 +35,8 @@ bench: $(STAMP)
 	$(PY) bench/em_vs_hals.py
 	$(PY) bench/train_overhead.py
 	$(PY) bench/speculative.py
+	$(PY) bench/heads_vs_rank.py
+	$(PY) bench/beyond_cp.py
 
 # The shipped demo checkpoints (cptoy/checkpoints/*.pt), one documented recipe: a backbone per
 # corpus trained with next-token loss, then rank-1 and rank-8 CP heads on it, frozen.
