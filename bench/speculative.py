@@ -235,6 +235,15 @@ def write_section(path: Path, text: str) -> None:
     path.write_text(new.rstrip("\n") + "\n")
 
 
+def _metrics_brief(metrics: dict) -> str:
+    """The recorded held-out losses of a checkpoint in nats per byte, one short phrase."""
+    val = metrics.get("val", {})
+    keys = ("next_token_nats_per_byte", "joint_nats_per_byte", "first_token_nats_per_byte")
+    if not all(k in val for k in keys):
+        return "none recorded"
+    return "next-token {:.3f}, joint {:.3f}, first-token {:.3f} nats/byte".format(*(val[k] for k in keys))
+
+
 def main(argv=None) -> str:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="smoke run; does not write RESULTS.md")
@@ -259,8 +268,8 @@ def main(argv=None) -> str:
                     f"{sorted({m.n_future for m, _ in models.values()})}, backbone "
                     f"{m0.config.n_layer} layers x {m0.config.n_embd}, V={m0.config.vocab_size}, "
                     f"block {m0.config.block_size}; held-out metrics "
-                    + "; ".join(f"r{r}: {getattr(m, 'metrics', {})}" for r, (m, _) in
-                                sorted(models.items())))
+                    + "; ".join(f"r{r}: {_metrics_brief(getattr(m, 'metrics', {}))}"
+                                for r, (m, _) in sorted(models.items())))
         print(f"[{time.perf_counter() - t_start:5.0f}s] {corpus}: verification cost",
               file=sys.stderr)
         t, costs[corpus] = cost_table(corpus, models, cfg)
