@@ -339,25 +339,26 @@ class CPHeads(nn.Module):
         """Gate weights w (..., r) from hidden (..., d) (what the load-balance loss sees)."""
         return self.gate_log_probs(self._check_hidden(hidden)).exp()
 
-    def _features(self, h: torch.Tensor, n_pos: int | None = None):
+    def _features(self, h: torch.Tensor, n_pos: int | None = None, start: int = 0):
         """h (N, d) -> X (N, k, m, d) transformed states for U and C (N, k, r, e) or None.
 
-        Only the first ``k = n_pos`` positions are computed (one matmul each for the transforms
-        and the expert codes, on contiguous views of the weights: no copies).
+        Only positions ``start .. n_pos - 1`` are computed (k = n_pos - start; one matmul each
+        for the transforms and the expert codes, on contiguous views of the weights: no copies).
         """
         n, r, d = self.n_future, self.rank, self.d_model
-        k = n if n_pos is None else n_pos
+        stop = n if n_pos is None else n_pos
+        k = stop - start
         m = r if self.expert_dim is None else 1
-        W = self.transform_weight[: k * m * d]
-        b = self.transform_bias[: k * m * d]
+        W = self.transform_weight[start * m * d : stop * m * d]
+        b = self.transform_bias[start * m * d : stop * m * d]
         X = h.unsqueeze(-2).unsqueeze(-2) + F.silu(F.linear(h, W, b)).view(
             -1, k, m, d
         )  # (N, k, m, d)
         C = None
         if self.expert_dim is not None:
             e = self.expert_dim
-            A = self.expert_in_weight[: k * r * e]
-            c = self.expert_in_bias[: k * r * e]
+            A = self.expert_in_weight[start * r * e : stop * r * e]
+            c = self.expert_in_bias[start * r * e : stop * r * e]
             C = F.silu(F.linear(h, A, c)).view(-1, k, r, e)  # (N, k, r, e)
         return X, C
 
@@ -504,6 +505,13 @@ class CPHeads(nn.Module):
             raise ValueError("draft needs n_future >= 2 (there is nothing to draft after x_1)")
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= self.n_future - 1:
             raise ValueError(f"n_draft must be an int in [1, {self.n_future - 1}], got {n_draft}")
+        if self.rank == 1:
+            # independent heads: the posterior is the prior, so position 1 is never needed
+            z = self._logits(*self._features(hidden, k + 1, start=1))  # (B, k, 1, V)
+            if temperature > 0 and temperature != 1.0:
+                z.mul_(1.0 / temperature)
+            post = torch.zeros(Bsz, 1, dtype=z.dtype, device=z.device)
+            return CPDist(post, torch.log_softmax(z, dim=-1))
         z = self._logits(*self._features(hidden, k + 1))  # (B, k+1, r, V), a fresh tensor
         if temperature > 0 and temperature != 1.0:
             z.mul_(1.0 / temperature)
