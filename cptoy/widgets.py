@@ -478,10 +478,10 @@ class ExpertWeights:
         self.ids, self.gate, self.posterior, self.hidden, self.top = [], None, None, None, {}
         fg, fp = self.figures["gate"], self.figures["position"]
         with fg.batch_update():
-            for tr in fg.data:
+            for tr in fg.data[:2]:  # the heatmaps
                 tr.z, tr.x, tr.text = [], [], []
-            for sh in fg.layout.shapes:
-                sh.visible = False
+            for tr in fg.data[2:]:  # the outlines of the selected position
+                tr.x, tr.y = [], []
         with fp.batch_update():
             for tr in fp.data:
                 tr.x, tr.y = [], []
@@ -583,8 +583,7 @@ class ExpertWeights:
                 fg.layout[ax].update(ticks, range=[-0.5, T - 0.5])
             for ax in ("yaxis", "yaxis2"):
                 fg.layout[ax].update(tickvals=list(range(r)), range=[r - 0.5, -0.5])
-            for sh in fg.layout.shapes:
-                sh.update(visible=True, y0=-0.5, y1=r - 0.5)
+            fg.layout.width = min(1150, max(650, 160 + 22 * T))  # about 22 px per token
 
     @_guarded
     def show_position(self, change=None):
@@ -603,8 +602,9 @@ class ExpertWeights:
         # --- the selected column on the heatmaps, and the bars at t
         fg = self.figures["gate"]
         with fg.batch_update():
-            for sh in fg.layout.shapes:
-                sh.update(x0=t - 0.5, x1=t + 0.5)
+            for tr in fg.data[2:]:  # a rectangle around column t, in both heatmaps
+                tr.x = [t - 0.5, t + 0.5, t + 0.5, t - 0.5, t - 0.5]
+                tr.y = [-0.5, -0.5, r - 0.5, r - 0.5, -0.5]
         fp = self.figures["position"]
         experts = list(range(r))
         with fp.batch_update():
@@ -760,8 +760,9 @@ def expert_weights(
             hovertemplate="%{text}<br>weight %{z:.3f}<extra></extra>", xgap=1, ygap=1,
         ), row=k + 1, col=1)
         fig.update_yaxes(title_text="expert", row=k + 1, col=1)
-        fig.add_shape(type="rect", x0=-0.5, x1=0.5, y0=-0.5, y1=r - 0.5,
-                      line=dict(color="#d62728", width=3), row=k + 1, col=1)
+    for k in range(2):  # outline of the selected position (a trace, so it moves with the data)
+        fig.add_trace(go.Scatter(x=[], y=[], mode="lines", line=dict(color="#d62728", width=3),
+                                 hoverinfo="skip", showlegend=False), row=k + 1, col=1)
     fig.update_layout(**_base_layout(260 + 2 * max(110, 28 * r)))
     fig.update_layout(margin=dict(l=70, r=30, t=60, b=90))
     fig.update_annotations(font_size=FONT_SIZE + 1)

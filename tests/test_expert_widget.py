@@ -58,7 +58,7 @@ def test_builds_and_shows_the_gate_and_posterior_of_every_position(panel, model)
     np.testing.assert_allclose(z_post[:, :-1], post.T.numpy(), atol=1e-6)
     assert np.isnan(z_post[:, -1]).all()  # the last position has no next token
     # ... drawn as a gap: None, since NaN is not valid JSON for the front end
-    for name, fw in panel.figures.items():
+    for fw in panel.figures.values():
         json.dumps(fw.to_plotly_json(), allow_nan=False, default=list)
     # the posterior really moved: conditioning on the next token changes the gate
     assert np.abs(z_post[:, :-1] - z_prior[:, :-1]).max() > 0.05
@@ -77,8 +77,9 @@ def test_position_slider_updates_bars_table_and_highlight(panel, model):
         panel.position_slider.value = t
         np.testing.assert_allclose(bars.data[0].y, w[t].numpy(), atol=1e-6)
         np.testing.assert_allclose(bars.data[1].y, post[t].numpy(), atol=1e-6)
-        shape = panel.figures["gate"].layout.shapes[0]
-        assert shape.x0 == t - 0.5 and shape.x1 == t + 0.5
+        for outline in panel.figures["gate"].data[2:]:  # the selected column, both heatmaps
+            assert min(outline.x) == t - 0.5 and max(outline.x) == t + 0.5
+            assert (min(outline.y), max(outline.y)) == (-0.5, model.rank - 0.5)
         # the table lists each expert's top-k tokens of every factor q_{s,a} at t
         top = F[t].topk(4, dim=-1)  # (n, r, 4)
         assert torch.equal(panel.top["ids"], top.indices)
