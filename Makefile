@@ -59,3 +59,6 @@ lint: $(STAMP)
 
 clean-venv:
 	rm -rf $(VENV)
+
+gpu-check:
+	PYTHONPATH=. python3 bench/gpu_check.py

@@ -496,6 +496,25 @@ def screenshot(node, path: Path) -> None:
     node.screenshot(path=str(path))
 
 
+# jupyter_server's own races, not our code: GET /api/kernels while a kernel is still starting
+# fails with this TraitError (the kernel's last_activity is not set yet) and the client retries.
+BENIGN_SERVER_ERRORS = ("The 'last_activity' trait of a ServerKernelManager instance",)
+
+
+def server_tracebacks(log: str) -> list[str]:
+    """Each traceback in the server log with the lines that follow it up to the next log entry."""
+    blocks = []
+    for chunk in log.split("Traceback (most recent call last)")[1:]:
+        lines = chunk.splitlines()
+        body = [lines[0]] if lines else []
+        for line in lines[1:]:
+            if line.startswith("[") and not line.startswith("[ "):
+                break
+            body.append(line)
+        blocks.append("Traceback (most recent call last)" + "\n".join(body))
+    return blocks
+
+
 def assert_no_errors(page, outputs: list[dict], server: Server, log_start: int, where: str):
     """No error output, no traceback on stderr, in the kernel's messages or in the server log."""
     errors = [f"cell {o['cell']}: {o['ename']}: {o['evalue']}" for o in outputs
@@ -509,7 +528,8 @@ def assert_no_errors(page, outputs: list[dict], server: Server, log_start: int, 
     kernel_errors = page.evaluate("() => window.__kernelErrors")
     assert not kernel_errors, f"{where}: the kernel reported errors:\n" + "\n".join(kernel_errors)
     log = server.log_text()[log_start:]  # callbacks' tracebacks end up in the kernel's stderr
-    assert "Traceback" not in log, f"{where}: traceback in the server log:\n{log[-3000:]}"
+    bad = [t for t in server_tracebacks(log) if not any(b in t for b in BENIGN_SERVER_ERRORS)]
+    assert not bad, f"{where}: traceback in the server log:\n{bad[0][-3000:]}"
     assert not page.cptoy_log.page_errors, f"{where}: JS errors: {page.cptoy_log.page_errors}"
 
 
@@ -873,4 +893,6 @@ def test_voila_lecture_dashboard_hides_code_renders_and_responds(page, voila, ar
     page.screenshot(path=str(artifacts / "voila_dashboard_top.png"))
     log = page.cptoy_log
     assert not log.page_errors, f"{log.page_errors}\nconsole errors: {log.console_errors}"
-    assert "Traceback" not in voila.log_text(), voila.log_text()[-3000:]
+    bad = [t for t in server_tracebacks(voila.log_text())
+           if not any(b in t for b in BENIGN_SERVER_ERRORS)]
+    assert not bad, bad[0][-3000:]
