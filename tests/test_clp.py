@@ -28,15 +28,6 @@ from cptoy.decoding import generate
 from cptoy.heads import MTPModel
 from cptoy.model import GPT, GPTConfig
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 V, K = 11, 4
 
 

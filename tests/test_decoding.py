@@ -20,16 +20,6 @@ from scipy.stats import chisquare
 import cptoy.decoding as decoding
 from cptoy.decoding import Generation, generate, lookup_drafts
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny tensors: threads only add overhead (and contend with other processes)
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 STRATS = ("ar", "self-spec", "lookup")
 
 

@@ -11,14 +11,6 @@ from cptoy.data import ByteTokenizer
 from cptoy.widgets import acceptance_explorer, speculative_stepper
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def _model(rank, n=4, seed=0):
     from cptoy.heads import MTPModel
     from cptoy.model import GPTConfig

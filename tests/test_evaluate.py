@@ -26,14 +26,6 @@ from cptoy.evaluate import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def _tiny_mtp(n=4, rank=3, V=16, block=48, seed=0, sharp=True):
     from cptoy.heads import MTPModel
     from cptoy.model import GPTConfig

@@ -11,16 +11,7 @@ from cptoy.cp import CPDist
 from cptoy.heads import CPHeads, MTPModel
 from cptoy.model import GPTConfig
 
-STRUCTURES = [None, 4]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny tensors: threads only add overhead (and contend with other processes)
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)  # full heads, structured heads with expert_dim 4
+STRUCTURES = [None, 4]  # full heads, structured heads with expert_dim 4
 
 
 def make_heads(V=7, d=8, n=3, r=3, expert_dim=None, chunk_size=2, seed=0):

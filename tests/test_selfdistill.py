@@ -18,15 +18,6 @@ from cptoy.selfdistill import (
     mtp_agreement,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 V, K = 7, 4
 
 

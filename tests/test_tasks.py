@@ -18,14 +18,6 @@ from cptoy.tasks import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def test_tokenizer_round_trip_and_errors():
     tok = CharTokenizer()
     assert tok.vocab_size == 13

@@ -20,14 +20,6 @@ from cptoy.train import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def tiny_model(**kw) -> MTPModel:
     torch.manual_seed(0)
     return MTPModel(
