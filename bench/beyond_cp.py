@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from _results import write_section  # bench/ is on sys.path when run as a script
 
 from cptoy.clp import (
     DECODER_COLUMNS,
@@ -377,21 +378,6 @@ def findings(task: dict, code: dict) -> list[str]:
     return out
 
 
-def write_section(path: Path, text: str) -> None:
-    """Replace ``SECTION`` of ``path`` (up to the next ``## `` heading) or append it."""
-    old = path.read_text() if path.exists() else "# cptoy benchmark results\n"
-    lines = old.splitlines()
-    start = next((i for i, ln in enumerate(lines) if ln.strip() == SECTION), None)
-    if start is None:
-        new = old.rstrip("\n") + "\n\n" + text
-    else:
-        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")),
-                   len(lines))
-        before = "\n".join(lines[:start]).rstrip("\n")
-        after = "\n".join(lines[end:])
-        new = (before + "\n\n" if before else "") + text + ("\n\n" + after if after else "")
-    path.write_text(new.rstrip("\n") + "\n")
-
 
 def main(argv=None) -> str:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -442,7 +428,7 @@ def main(argv=None) -> str:
     print(text)
     log(f"total {total:.0f} s")
     if not args.quick and not args.no_write:
-        write_section(RESULTS, text)
+        write_section(RESULTS, SECTION, text)
         log(f"wrote {RESULTS}")
     return text
 

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from _results import write_section  # bench/ is on sys.path when run as a script
 
 from cptoy.cp import fit_cp
 from cptoy.joint import HMM, byte_label, corpus_joint, entropy, product_of_marginals
@@ -187,25 +188,10 @@ def main(argv: list[str] | None = None) -> str:
     print()
     print(text)
     if not args.quick:
-        write_section(RESULTS, text)
+        write_section(RESULTS, SECTION, text)
         print(f"wrote {RESULTS}", file=sys.stderr)
     return text
 
-
-def write_section(path: Path, text: str) -> None:
-    """Replace the ``SECTION`` of ``path`` (up to the next ``## `` heading) or append it."""
-    old = path.read_text() if path.exists() else "# cptoy benchmark results\n"
-    lines = old.splitlines()
-    start = next((i for i, ln in enumerate(lines) if ln.strip() == SECTION), None)
-    if start is None:
-        new = old.rstrip("\n") + "\n\n" + text
-    else:
-        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")),
-                   len(lines))
-        before = "\n".join(lines[:start]).rstrip("\n")
-        after = "\n".join(lines[end:])
-        new = (before + "\n\n" if before else "") + text + ("\n" + after if after else "")
-    path.write_text(new.rstrip("\n") + "\n")
 
 
 if __name__ == "__main__":

@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from _results import write_section  # bench/ is on sys.path when run as a script
 
 from cptoy.data import TokenDataset, encode_corpus, load_corpus, tokenizer_from_dict
 from cptoy.heads import MTPModel
@@ -157,19 +158,6 @@ def summary(points: list[Point], ranks) -> list[str]:
     return out
 
 
-def write_section(text: str) -> None:
-    old = RESULTS.read_text() if RESULTS.exists() else "# cptoy benchmark results\n"
-    lines = old.splitlines()
-    start = next((i for i, ln in enumerate(lines) if ln.strip() == SECTION), None)
-    if start is None:
-        new = old.rstrip("\n") + "\n\n" + text.rstrip("\n") + "\n"
-    else:
-        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")),
-                   len(lines))
-        new = "\n".join(lines[:start] + text.rstrip("\n").splitlines()
-                        + ([""] + lines[end:] if end < len(lines) else [])) + "\n"
-    RESULTS.write_text(new)
-
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -260,7 +248,7 @@ def main(argv=None) -> None:
     ])
     print(text)
     if not args.quick or args.write:
-        write_section(text)
+        write_section(RESULTS, SECTION, text)
         print(f"wrote {RESULTS}", file=sys.stderr)
 
 

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from _results import write_section  # bench/ is on sys.path when run as a script
 
 from cptoy.evaluate import (
     Method,
@@ -219,21 +220,6 @@ def targets(tf_best: dict, walls: dict, costs: dict, cfg) -> list[str]:
     return out
 
 
-def write_section(path: Path, text: str) -> None:
-    """Replace ``SECTION`` of ``path`` (up to the next ``## `` heading) or append it."""
-    old = path.read_text() if path.exists() else "# cptoy benchmark results\n"
-    lines = old.splitlines()
-    start = next((i for i, ln in enumerate(lines) if ln.strip() == SECTION), None)
-    if start is None:
-        new = old.rstrip("\n") + "\n\n" + text
-    else:
-        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")),
-                   len(lines))
-        before = "\n".join(lines[:start]).rstrip("\n")
-        after = "\n".join(lines[end:])
-        new = (before + "\n\n" if before else "") + text + ("\n\n" + after if after else "")
-    path.write_text(new.rstrip("\n") + "\n")
-
 
 def _metrics_brief(metrics: dict) -> str:
     """The recorded held-out losses of a checkpoint in nats per byte, one short phrase."""
@@ -331,7 +317,7 @@ def main(argv=None) -> str:
     print(text)
     print(f"total {total:.0f} s", file=sys.stderr)
     if (not args.quick or args.write) and not args.no_write:
-        write_section(RESULTS, text)
+        write_section(RESULTS, SECTION, text)
         print(f"wrote {RESULTS}", file=sys.stderr)
     return text
 

@@ -44,6 +44,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from _results import write_section  # bench/ is on sys.path when run as a script
 
 from cptoy.data import encode_corpus, get_tokenizer, load_corpus
 from cptoy.heads import MTPModel
@@ -157,26 +158,6 @@ def verdicts(vocab_label: str, summary: dict) -> list[str]:
     return lines
 
 
-def write_section(text: str) -> None:
-    old = RESULTS.read_text() if RESULTS.exists() else "# cptoy benchmark results\n"
-    lines = old.splitlines()
-    start = next((i for i, ln in enumerate(lines) if ln.strip() == SECTION), None)
-    if start is None:
-        new = old.rstrip("\n") + "\n\n" + text.rstrip("\n") + "\n"
-    else:
-        end = next(
-            (i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines)
-        )
-        new = (
-            "\n".join(
-                lines[:start]
-                + text.rstrip("\n").splitlines()
-                + ([""] + lines[end:] if end < len(lines) else [])
-            )
-            + "\n"
-        )
-    RESULTS.write_text(new)
-
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -247,7 +228,7 @@ def main(argv=None) -> int:
     print("\n".join(all_verdicts))
     print(f"whole run {total:.0f} s")
     if not args.quick:
-        write_section(text)
+        write_section(RESULTS, SECTION, text)
         print(f"updated {RESULTS}")
     return 0
 
