@@ -496,23 +496,27 @@ def screenshot(node, path: Path) -> None:
     node.screenshot(path=str(path))
 
 
-# jupyter_server's own races, not our code: GET /api/kernels while a kernel is still starting
-# fails with this TraitError (the kernel's last_activity is not set yet) and the client retries.
-BENIGN_SERVER_ERRORS = ("The 'last_activity' trait of a ServerKernelManager instance",)
+# jupyter_server's own race, not our code: GET /api/kernels while a kernel is still starting
+# fails because the kernel's last_activity is not set yet (a KeyError inside traitlets, then a
+# TraitError), the server logs it, and the client retries.
+BENIGN_SERVER_ERRORS = (
+    "The 'last_activity' trait of a ServerKernelManager instance",
+    "KeyError: 'last_activity'",
+)
 
 
 def server_tracebacks(log: str) -> list[str]:
-    """Each traceback in the server log with the lines that follow it up to the next log entry."""
-    blocks = []
-    for chunk in log.split("Traceback (most recent call last)")[1:]:
-        lines = chunk.splitlines()
-        body = [lines[0]] if lines else []
-        for line in lines[1:]:
-            if line.startswith("[") and not line.startswith("[ "):
-                break
-            body.append(line)
-        blocks.append("Traceback (most recent call last)" + "\n".join(body))
-    return blocks
+    """Each log entry of the server that holds a traceback (chained tracebacks stay together).
+
+    An entry starts at a line like ``[E 2026-... ServerApp]`` or ``[IPKernelApp]`` and runs up
+    to the next such line.
+    """
+    entries: list[list[str]] = [[]]
+    for line in log.splitlines():
+        if re.match(r"^\[[A-Z]", line):
+            entries.append([])
+        entries[-1].append(line)
+    return ["\n".join(e) for e in entries if any("Traceback" in ln for ln in e)]
 
 
 def assert_no_errors(page, outputs: list[dict], server: Server, log_start: int, where: str):
