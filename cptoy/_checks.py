@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 PROB_ATOL = 1e-5  # a distribution must sum to 1 within this (relative to its size, see below)
@@ -80,3 +82,10 @@ def check_same_shape(a: torch.Tensor, b: torch.Tensor, name_a: str, name_b: str)
         raise ValueError(
             f"{name_a} and {name_b} must have the same shape, got {tuple(a.shape)} and {tuple(b.shape)}"
         )
+
+
+def check_nonneg_number(x, name: str) -> float:
+    """A finite real number >= 0 (bools rejected); ``ValueError`` naming ``name`` otherwise."""
+    if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x) or x < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {x!r}")
+    return float(x)

@@ -218,19 +218,14 @@ class ArchitectHeads(nn.Module):
 
 
 # ====================================================================== controllers
-class CollocationLengthPredictor(nn.Module):
-    """ONE linear layer: controller features (..., F) -> logits (..., k) over lengths 0..k-1.
-
-    Parameters: ``F * k + k`` (F = d + k with :func:`controller_features`; for d = 128, k = 4:
-    132 * 4 + 4 = 532). The paper's are 4.6K-7.7K on Qwen2.5 models.
-    """
+class _Controller(nn.Module):
+    """Shared by the CLP and the gate baseline: ``k`` and the feature standardisation buffers."""
 
     def __init__(self, in_features: int, k: int):
         super().__init__()
         self.in_features = check_positive_int(in_features, "in_features")
         self.k = check_positive_int(k, "k", minimum=2)
-        self.linear = nn.Linear(in_features, k)  # classes: accept 0, 1, .., k - 1 drafts
-        # feature standardisation while training (identity after fold_normaliser)
+        # feature standardisation while training (the CLP folds it away: fold_normaliser)
         self.register_buffer("feature_mean", torch.zeros(in_features))
         self.register_buffer("feature_std", torch.ones(in_features))
 
@@ -240,6 +235,21 @@ class CollocationLengthPredictor(nn.Module):
     def set_normaliser(self, mean: torch.Tensor, std: torch.Tensor) -> None:
         self.feature_mean.copy_(mean)
         self.feature_std.copy_(std)
+
+    def standardise(self, features: torch.Tensor) -> torch.Tensor:
+        return (features - self.feature_mean) / self.feature_std
+
+
+class CollocationLengthPredictor(_Controller):
+    """ONE linear layer: controller features (..., F) -> logits (..., k) over lengths 0..k-1.
+
+    Parameters: ``F * k + k`` (F = d + k with :func:`controller_features`; for d = 128, k = 4:
+    132 * 4 + 4 = 532). The paper's are 4.6K-7.7K on Qwen2.5 models.
+    """
+
+    def __init__(self, in_features: int, k: int):
+        super().__init__(in_features, k)
+        self.linear = nn.Linear(in_features, k)  # classes: accept 0, 1, .., k - 1 drafts
 
     @torch.no_grad()
     def fold_normaliser(self) -> None:
@@ -252,7 +262,7 @@ class CollocationLengthPredictor(nn.Module):
         self.feature_std.fill_(1.0)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.linear((features - self.feature_mean) / self.feature_std)
+        return self.linear(self.standardise(features))
 
     def loss(self, features: torch.Tensor, labels: torch.Tensor, token_labels=None):
         """Cross-entropy against the run lengths (N,) in 0..k-1."""
@@ -270,7 +280,7 @@ class CollocationLengthPredictor(nn.Module):
         return (ok.long() * torch.arange(self.k, device=p.device)).amax(-1)
 
 
-class GateNetwork(nn.Module):
+class GateNetwork(_Controller):
     """The gate-network baseline: an MLP with one accept/reject gate per draft.
 
     ``in -> hidden -> hidden -> k - 1`` with GELU. ``hidden=None`` picks the width that gives
@@ -280,9 +290,7 @@ class GateNetwork(nn.Module):
 
     def __init__(self, in_features: int, k: int, hidden: int | None = None,
                  target_params: int = 1_000_000):
-        super().__init__()
-        self.in_features = check_positive_int(in_features, "in_features")
-        self.k = check_positive_int(k, "k", minimum=2)
+        super().__init__(in_features, k)
         if hidden is None:
             check_positive_int(target_params, "target_params")
             # params = w^2 + (in + k + 1) w + (k - 1)  ->  solve for w
@@ -294,19 +302,9 @@ class GateNetwork(nn.Module):
             nn.Linear(hidden, hidden), nn.GELU(),
             nn.Linear(hidden, k - 1),
         )
-        self.register_buffer("feature_mean", torch.zeros(in_features))
-        self.register_buffer("feature_std", torch.ones(in_features))
-
-    def num_params(self) -> int:
-        return sum(p.numel() for p in self.parameters())
-
-    def set_normaliser(self, mean: torch.Tensor, std: torch.Tensor) -> None:
-        self.feature_mean.copy_(mean)
-        self.feature_std.copy_(std)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        x = (features - self.feature_mean) / self.feature_std
-        return self.net(x)  # (..., k - 1) gate logits
+        return self.net(self.standardise(features))  # (..., k - 1) gate logits
 
     def loss(self, features: torch.Tensor, labels=None, token_labels: torch.Tensor = None):
         """Binary cross-entropy against the per-draft matches ``token_labels`` (N, k - 1)."""

@@ -44,6 +44,7 @@ from dataclasses import dataclass, field, fields, is_dataclass
 import torch
 
 from cptoy._checks import check_positive_int
+from cptoy.decoding import _check_temperature
 
 __all__ = [
     "TFResult",
@@ -99,15 +100,6 @@ def _ids_tensor(ids, vocab_size: int, name: str = "ids") -> torch.Tensor:
     if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
         raise ValueError(f"{name} holds ids outside [0, {vocab_size})")
     return ids
-
-
-def _check_temperature(temperature) -> float:
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
-        raise TypeError(f"temperature must be a number, got {type(temperature).__name__}")
-    t = float(temperature)
-    if not math.isfinite(t) or t < 0:
-        raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature}")
-    return t
 
 
 def _check_n_draft(model, n_draft) -> int:

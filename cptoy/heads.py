@@ -60,7 +60,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from cptoy._checks import check_positive_int
+from cptoy._checks import check_nonneg_number, check_positive_int
 from cptoy.cp import CPDist
 from cptoy.model import GPT, GPTConfig
 
@@ -579,14 +579,8 @@ class MTPModel(nn.Module):
             raise TypeError(f"config must be a GPTConfig, got {type(config).__name__}")
         check_positive_int(n_future, "n_future")
         check_positive_int(rank, "rank")
-        for name, val in (("load_balance_coef", load_balance_coef), ("joint_weight", joint_weight)):
-            if (
-                isinstance(val, bool)
-                or not isinstance(val, (int, float))
-                or not math.isfinite(val)
-                or val < 0
-            ):
-                raise ValueError(f"{name} must be a finite number >= 0, got {val!r}")
+        check_nonneg_number(load_balance_coef, "load_balance_coef")
+        check_nonneg_number(joint_weight, "joint_weight")
         self.head_positions = _check_head_positions(head_positions)
         self.n_future = n_future
         self.rank = rank

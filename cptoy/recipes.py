@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from cptoy.data import TokenDataset, encode_corpus, get_tokenizer, load_corpus
 from cptoy.model import GPT, GPTConfig
+from cptoy.train import next_token_step
 
 BACKBONE_FORMAT = "cptoy-backbone"  # the "format" entry of a backbone-only checkpoint
 
@@ -80,12 +81,7 @@ def pretrain_backbone(
         for group in opt.param_groups:
             group["lr"] = cur_lr
         blk = train.batch(batch_size, cfg.block_size + 1, g)
-        logits = model.logits(model(blk[:, :-1]))
-        loss = F.cross_entropy(logits.flatten(0, 1), blk[:, 1:].flatten())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        loss = next_token_step(model, opt, blk)
         step += 1
         tokens += blk[:, 1:].numel()
         bar.update(1)

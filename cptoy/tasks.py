@@ -33,10 +33,10 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from cptoy._checks import check_positive_int
 from cptoy.model import GPT, GPTConfig
+from cptoy.train import next_token_step
 
 __all__ = [
     "CharTokenizer",
@@ -290,12 +290,7 @@ def train_backbone(ids, config: GPTConfig, steps: int = 450, batch_size: int = 3
         for grp in opt.param_groups:
             grp["lr"] = cur
         blk = data.batch(batch_size, T + 1, g)  # (B, T + 1)
-        logits = model.logits(model(blk[:, :-1]))
-        loss = F.cross_entropy(logits.flatten(0, 1), blk[:, 1:].flatten())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        loss = next_token_step(model, opt, blk)
         if (step + 1) % log_every == 0 or step == 0:
             hist["loss"].append((step + 1, loss.item()))
     model.eval()

@@ -24,8 +24,9 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import torch
+import torch.nn.functional as F
 
-from cptoy._checks import check_positive_int
+from cptoy._checks import check_nonneg_number, check_positive_int
 from cptoy.heads import MTPModel
 
 __all__ = [
@@ -91,14 +92,7 @@ class TrainConfig:
         if self.block_size is not None:
             check_positive_int(self.block_size, "block_size")
         for name in ("lr", "min_lr", "weight_decay"):
-            v = getattr(self, name)
-            if (
-                isinstance(v, bool)
-                or not isinstance(v, (int, float))
-                or not math.isfinite(v)
-                or v < 0
-            ):
-                raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
+            check_nonneg_number(getattr(self, name), name)
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if self.min_lr > self.lr:
@@ -120,6 +114,17 @@ def resolve_device(device: str) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} asked for, but CUDA is not available")
     return dev
+
+
+def next_token_step(model, opt, blk: torch.Tensor, grad_clip: float = 1.0) -> torch.Tensor:
+    """One optimiser step of a plain GPT on next-token loss. blk (B, T + 1) -> the loss."""
+    logits = model.logits(model(blk[:, :-1]))  # (B, T, V)
+    loss = F.cross_entropy(logits.flatten(0, 1), blk[:, 1:].flatten())
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    opt.step()
+    return loss.detach()
 
 
 def lr_at(cfg: TrainConfig, step: int, progress: float) -> float:

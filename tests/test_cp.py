@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from scipy.stats import chisquare
+from stats import pooled_chisquare
 
 from cptoy.cp import CPDist, fit_cp, kl_to_cp
 from cptoy.joint import HMM
@@ -16,19 +16,6 @@ def planted(rank: int, n: int, V: int, seed: int) -> CPDist:
     w = torch.rand(rank, generator=g, dtype=torch.float64) + 0.2
     F = torch.rand(n, rank, V, generator=g, dtype=torch.float64) ** 3 + 0.01
     return CPDist.from_probs(w / w.sum(), F / F.sum(-1, keepdim=True))
-
-
-def pooled_chisquare(counts: torch.Tensor, probs: torch.Tensor, min_expected: float = 5.0):
-    """Chi-square goodness of fit with cells of expected count < min_expected pooled into one."""
-    counts, probs = counts.reshape(-1).double(), probs.reshape(-1).double()
-    expected = probs * counts.sum()
-    small = expected < min_expected
-    obs = torch.cat([counts[~small], counts[small].sum().view(1)])
-    exp = torch.cat([expected[~small], expected[small].sum().view(1)])
-    if exp[-1] == 0:  # nothing pooled
-        obs, exp = obs[:-1], exp[:-1]
-    exp = exp * obs.sum() / exp.sum()  # exact equality of totals for scipy
-    return chisquare(obs.numpy(), exp.numpy())
 
 
 # ---------------------------------------------------------------- densities

@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from scipy.stats import chisquare
+from stats import pooled_chisquare
 
 from cptoy.cp import CPDist, fit_cp
 from cptoy.joint import (
@@ -19,18 +19,6 @@ from cptoy.joint import (
     text_joint,
     tv,
 )
-
-
-def pooled_chisquare(counts: torch.Tensor, probs: torch.Tensor, min_expected: float = 5.0):
-    """Chi-square goodness of fit with cells of expected count < min_expected pooled."""
-    counts, probs = counts.reshape(-1).double(), probs.reshape(-1).double()
-    expected = probs * counts.sum()
-    small = expected < min_expected
-    obs = torch.cat([counts[~small], counts[small].sum().view(1)])
-    exp = torch.cat([expected[~small], expected[small].sum().view(1)])
-    if exp[-1] == 0:  # nothing pooled
-        obs, exp = obs[:-1], exp[:-1]
-    return chisquare(obs.numpy(), (exp * obs.sum() / exp.sum()).numpy())
 
 
 # ---------------------------------------------------------------- HMM
