@@ -29,6 +29,7 @@ from cptoy.plots import METHOD_STYLE, SweepPoint, _dense, joint_slice, score_fit
 __all__ = ["FONT_SIZE", "CPExplorer", "cp_explorer"]
 
 FONT_SIZE = 16  # base font size of every plotly figure here (readable on a projector)
+CP_EXPLORER_WIDTH = 1150  # px: plotly's default 700 clips titles and overlaps the colour bars
 MAX_ENTRIES = 300_000  # largest V**n that cp_explorer fits interactively (dense EM per rank)
 _METHODS = ("em", "hals", "als")
 
@@ -358,7 +359,7 @@ def cp_explorer(
     # --- heatmaps: P, Q, P - Q
     hover = [[f"{labels[i]} {labels[j]}" for j in range(V)] for i in range(V)]
     fig = make_subplots(rows=1, cols=3, subplot_titles=("P", "Q", "P − Q"),
-                        horizontal_spacing=0.09)
+                        horizontal_spacing=0.12)
     for k in range(3):
         fig.add_trace(go.Heatmap(
             z=[[0.0] * V] * V, text=hover, hovertemplate="%{text}: %{z:.4f}<extra></extra>",
@@ -368,7 +369,7 @@ def cp_explorer(
         ), row=1, col=k + 1)
         fig.update_xaxes(_token_axis(labels), row=1, col=k + 1)
         fig.update_yaxes(_token_axis(labels), autorange="reversed", row=1, col=k + 1)
-    fig.update_layout(**_base_layout(460))
+    fig.update_layout(**_base_layout(460), width=CP_EXPLORER_WIDTH)  # wide enough for 3 colour bars
     fig.update_annotations(font_size=FONT_SIZE + 2)
     slices = _figure_widget(fig)
 
@@ -393,7 +394,7 @@ def cp_explorer(
     fig.update_yaxes(type="log", dtick=1, exponentformat="power", row=1, col=1)  # per decade
     fig.update_yaxes(range=[0, 1.02], row=1, col=2)
     fig.update_yaxes(range=[0.95, n + 0.1], row=1, col=3)
-    fig.update_layout(**_base_layout(400), legend=dict(orientation="h", y=-0.3))
+    fig.update_layout(**_base_layout(400), width=CP_EXPLORER_WIDTH, legend=dict(orientation="h", y=-0.3))
     fig.update_annotations(font_size=FONT_SIZE + 2)
     curves = _figure_widget(fig)
 
