@@ -228,6 +228,8 @@ class CPDist:
 
         This is what temperature-0 drafting uses; it is not the global maximiser of Q.
         """
+        if self.rank == 1:  # independent positions: each one's own argmax
+            return self.log_factors[..., 0, :].argmax(-1)
         lw = self.log_weights
         out = []
         for s in range(self.n):

@@ -32,6 +32,14 @@ CP's mixture conditional ``q(d_j | x_1, d_<j)`` (the expert marginalised, which 
 law given what the verifier has seen), computed in float64 from the same tempered factors. At
 T = 0 the drafts are ``CPDist.mode()`` of the untempered CP and acceptance is ``d_j == argmax p``.
 
+Routing (``routing=``, self-spec only). ``"mixture"`` is the above. ``"expert"`` reads the CP as a
+mixture of experts with top-1 routing: one expert is drawn from the posterior gate (its argmax at
+T = 0), only that expert's factors are computed, and q is that expert's factor at each drafted
+position. Lossless too (conditioned on the expert, the drafts come from q and are tested against
+q), and cheaper: position 1 for the posterior plus k factors of one expert, instead of
+r (k + 1) factors. Its acceptance is lower in expectation (``E_a[1 - TV(p, q_a)] <=
+1 - TV(p, sum_a w_a q_a)``), which ``cptoy.evaluate`` measures.
+
 Counting. The prefill forward yields the first new token (arrival ``"first"``). Each later forward
 (a *step*) verifies ``[x_1, drafts]`` and gains ``accepted + 1`` tokens (the accepted drafts and
 the replacement / bonus token; a step ended by an accepted eos draft gains only the drafts). So
@@ -214,26 +222,44 @@ class _CPProposal:
     """The draft distribution q of one self-spec step, evaluated lazily.
 
     ``dist`` is the heads' CPDist over the drafted positions (batch (), float64) and ``drafts``
-    the k drafted tokens. ``at[j]`` = q(d_j | x_1, d_<j) for every j (needs only (k, r) numbers);
-    ``row(j)`` = the whole conditional (V,), needed for a residual after a rejection (at most
+    the k drafted tokens, both in the heads' drafting space: the vocabulary, or the K tokens of a
+    shortlist ``vocab`` (K,) (entry i = token ``vocab[i]``; ``V`` is then the vocabulary size).
+    ``at[j]`` = q(d_j | x_1, d_<j) for every j (needs only (k, r) numbers); ``row(j)`` = the
+    whole conditional over the vocabulary (V,), needed for a residual after a rejection (at most
     once per step) and for the step records. Both are the CP conditional mixture under the
     posterior gate: ``dist.condition(drafts[:j]).log_marginal(0)`` (checked in the tests).
     """
 
-    def __init__(self, dist, drafts: list[int]):
+    def __init__(self, dist, drafts: list[int], vocab: torch.Tensor | None = None,
+                 V: int | None = None, at: list[float] | None = None):
         k = len(drafts)
-        self.lf = dist.log_factors[:k]  # (k, r, V)
+        self.vocab, self.V = vocab, V
+        self.lf = dist.log_factors[:k]  # (k, r, K)
+        if dist.rank == 1:  # one expert (rank-1 heads or one-expert routing): q = its factors
+            self.log_gates = self.lf.new_zeros(k, 1)
+            if at is None:
+                d = torch.tensor(drafts, dtype=torch.long)
+                at = self.lf[torch.arange(k), 0, d].exp().tolist()
+            self.at = at  # given by the heads, which had the probabilities at hand
+            return
         d = torch.tensor(drafts, dtype=torch.long)
         ll = self.lf.gather(-1, d.view(k, 1, 1).expand(k, dist.rank, 1)).squeeze(-1)  # (k, r)
         before = torch.cat([torch.zeros_like(ll[:1]), ll[:-1].cumsum(0)])  # sum_{i<j} ll_i
         self.log_gates = torch.log_softmax(dist.log_weights + before, dim=-1)  # (k, r)
         self.at = torch.logsumexp(self.log_gates + ll, dim=-1).exp().tolist()  # k floats
 
+    def _full(self, q: torch.Tensor) -> torch.Tensor:
+        if self.vocab is None:
+            return q
+        out = q.new_zeros(q.shape[:-1] + (self.V,))
+        out[..., self.vocab] = q
+        return out
+
     def row(self, j: int) -> torch.Tensor:
-        return torch.logsumexp(self.log_gates[j].unsqueeze(-1) + self.lf[j], dim=0).exp()
+        return self._full(torch.logsumexp(self.log_gates[j].unsqueeze(-1) + self.lf[j], dim=0).exp())
 
     def rows(self) -> torch.Tensor:
-        return torch.logsumexp(self.log_gates.unsqueeze(-1) + self.lf, dim=1).exp()  # (k, V)
+        return self._full(torch.logsumexp(self.log_gates.unsqueeze(-1) + self.lf, dim=1).exp())
 
 
 class _PointProposal:
@@ -312,13 +338,36 @@ def lookup_drafts(context, ngram: int, k: int) -> list[int]:
     return []
 
 
-def _cp_drafts(draft, takes_k, h_last, x1, k, temperature, gen, device, record):
+def _cp_drafts(draft, takes_k, h_last, x1, k, temperature, gen, device, record,
+               routing="mixture", heads=None):
     """Draft k tokens from the CP heads conditioned on x1.
 
     Returns (drafts, proposal | None, expert, extra-record dict). The proposal evaluates
     q(. | x_1, d_2..d_{j+1}), the CP conditional mixture under the posterior gate, from the very
-    distribution the drafts were sampled from (same tempered factors, in float64).
+    distribution the drafts were sampled from (same tempered factors, in float64); with
+    ``routing="expert"`` it is the chosen expert's factors (a rank-1 CP). cptoy's heads do all
+    of this in one lean call (``CPHeads.draft_step``), over their drafting shortlist when they
+    have one (then only the residual after a rejection is spread over the vocabulary); other
+    heads only need ``draft(hidden, first_tokens, temperature[, n_draft])``.
     """
+    if hasattr(heads, "draft_step"):
+        step = heads.draft_step(h_last, x1, k, temperature, gen, routing)
+        drafts = step.tokens
+        if temperature == 0 and not record:
+            return drafts, None, step.expert, {}
+        vocab = step.vocab.cpu() if step.vocab is not None else None
+        q = _CPProposal(step.dist, step.index, vocab, heads.vocab_size, step.q_at)
+        extra = {}
+        if record:
+            r = heads.rank
+            post = step.log_posterior.exp().tolist() if step.log_posterior is not None else [1.0]
+            if routing == "expert" and r > 1:
+                one = [float(a == step.expert) for a in range(r)]
+                gates = [one] * len(drafts)  # q is the drawn expert's factor
+            else:
+                gates = q.log_gates.exp().tolist()
+            extra = dict(gate_posterior=post, gates=gates)
+        return drafts, q, step.expert, extra
     t_heads = temperature if temperature > 0 else 1.0  # greedy drafts are the mode of the T=1 CP
     first = torch.tensor([x1], dtype=torch.long, device=device)
     if takes_k:  # compute only the k positions this step needs
@@ -352,6 +401,22 @@ def _takes_n_draft(fn) -> bool:
         return "n_draft" in inspect.signature(fn).parameters
     except (TypeError, ValueError):
         return False
+
+
+ROUTINGS = ("mixture", "expert")
+
+
+def _check_routing(routing, model=None) -> str:
+    """Validate ``routing``; with a model, check its heads can route to one expert."""
+    if routing not in ROUTINGS:
+        raise ValueError(f"routing must be one of {ROUTINGS}, got {routing!r}")
+    if routing == "expert" and model is not None:
+        heads = getattr(model, "heads", None)
+        if heads is None or not hasattr(heads, "draft_posterior") \
+                or "experts" not in inspect.signature(heads.draft).parameters:
+            raise TypeError("routing='expert' needs CP heads with draft_posterior() and "
+                            "draft(..., experts=) (cptoy.heads.CPHeads)")
+    return routing
 
 
 def _draft_fn(model):
@@ -435,6 +500,7 @@ def generate(
     n_draft: int | None = None,
     lookup_ngram: int = 3,
     record_steps: bool = False,
+    routing: str = "mixture",
 ) -> Generation:
     """Generate up to ``max_new_tokens`` tokens after ``prompt_ids`` (batch size 1).
 
@@ -452,6 +518,9 @@ def generate(
         lookup on a bare backbone: 4). Ignored for "ar".
     lookup_ngram: longest n-gram the lookup drafter matches (it falls back to shorter ones).
     record_steps: keep a :class:`StepRecord` per step (p and q vectors: memory O(steps * V)).
+    routing: "mixture" (q = the CP's mixture conditional) or "expert" (draft from one expert
+        drawn from the posterior gate, q = its factors; cheaper), self-spec only; see the module
+        docstring.
 
     Returns a :class:`Generation`; the model's train/eval mode is restored afterwards.
     """
@@ -478,6 +547,7 @@ def generate(
             raise ValueError(f"eos_id must be in [0, {V}), got {eos_id}")
     check_positive_int(lookup_ngram, "lookup_ngram")
     n_future = getattr(model, "n_future", None)
+    _check_routing(routing, model if strategy == "self-spec" else None)
     if strategy == "self-spec":
         _draft_fn(model)  # raises TypeError without heads
         if n_future is None or n_future < 2:
@@ -510,7 +580,7 @@ def generate(
     try:
         with torch.no_grad():
             out = _decode(model, backbone, prompt, max_new_tokens, temperature, strategy, gen,
-                          eos_id, n_draft, lookup_ngram, record_steps)
+                          eos_id, n_draft, lookup_ngram, record_steps, routing)
     finally:
         if was_training and hasattr(model, "train"):
             model.train()
@@ -519,7 +589,7 @@ def generate(
 
 
 def _decode(model, backbone, prompt, max_new, temperature, strategy, gen, eos_id, n_draft,
-            lookup_ngram, record) -> Generation:
+            lookup_ngram, record, routing="mixture") -> Generation:
     device = _device(backbone)
     P = len(prompt)
     stats = GenerationStats(strategy=strategy, temperature=temperature,
@@ -530,6 +600,7 @@ def _decode(model, backbone, prompt, max_new, temperature, strategy, gen, eos_id
     if strategy == "self-spec":
         draft = _draft_fn(model)
         takes_k = _takes_n_draft(draft)
+        heads = getattr(model, "heads", None)
 
     # ---------------------------------------------------------------- prefill
     t0 = time.perf_counter()
@@ -575,7 +646,7 @@ def _decode(model, backbone, prompt, max_new, temperature, strategy, gen, eos_id
         expert, extra = None, {}
         if k > 0 and strategy == "self-spec":
             drafts, q, expert, extra = _cp_drafts(draft, takes_k, h_last, x1, k, temperature,
-                                                  gen, device, record)
+                                                  gen, device, record, routing, heads)
         elif k > 0 and strategy == "lookup":
             drafts = lookup_drafts(prompt + tokens, lookup_ngram, k)
             q = _PointProposal(drafts, backbone.config.vocab_size)

@@ -191,6 +191,7 @@ def teacher_forced_acceptance(
     max_positions: int | None = 2048,
     seed: int = 0,
     min_context: int = 16,
+    routing: str = "mixture",
 ) -> TFResult:
     """Teacher-forced acceptance of the CP heads' drafts on held-out token ids.
 
@@ -203,6 +204,11 @@ def teacher_forced_acceptance(
     max_positions: evaluate at most this many positions (None: all). When there are more,
         whole windows are drawn at random (generator seeded with ``seed``).
     min_context: every evaluated position has at least this many tokens of context.
+    routing: the drafter evaluated, as in ``cptoy.decoding.generate``: "mixture" (q = the CP
+        conditional) or "expert" (one expert drawn from the posterior gate drafts every
+        position and is the q of the test; at T = 0 and for greedy match, the gate's argmax).
+        For "expert" the speculative figure is the exact expectation over the expert drawn:
+        ``sum_a w_a(x_1) prod_{i<=j} sum_v min(p_i(v), q_{i,a}(v))``.
 
     The evaluated positions and their contexts depend on the model's ``n_future``, not on
     ``n_draft``, so results for different k are on the same positions, and the first j entries
@@ -224,9 +230,12 @@ def teacher_forced_acceptance(
     """
     from cptoy.decoding import _draft_fn, _takes_n_draft
 
+    from cptoy.decoding import _check_routing
+
     t_start = time.perf_counter()
     k = _check_n_draft(model, n_draft)
     T = _check_temperature(temperature)
+    _check_routing(routing, model)
     backbone = _backbone(model)
     V, block = backbone.config.vocab_size, backbone.config.block_size
     ids = _ids_tensor(ids, V)
@@ -282,13 +291,22 @@ def teacher_forced_acceptance(
                 tl, y, x1 = t_loc[lo:lo + c], Y[lo:lo + c], X1[lo:lo + c]
                 h = H[tl]  # (c, d)
                 d1 = _call_draft(draft, takes_k, h, x1.to(h.device), 1.0, k)
-                mode = d1.mode().cpu()  # (c, k)
+                top = d1.log_weights.argmax(-1)  # (c,) the expert greedy one-expert routing uses
+                if routing == "expert":
+                    mode = d1.log_factors[torch.arange(len(top)), :, top].argmax(-1)  # (c, k)
+                else:
+                    mode = d1.mode().cpu()  # (c, k)
                 match = (mode == y).long().cumprod(1)  # (c, k): first j drafts all equal y
                 g_acc.append(match)
                 dT = d1 if T in (0.0, 1.0) else _call_draft(draft, takes_k, h, x1.to(h.device),
                                                            T, k)
-                q = _true_prefix_conditionals(dT, y)  # (c, k, V) float64
                 lg = logits[tl[:, None] + 1 + torch.arange(k)]  # (c, k, V): p after y_<j
+                if routing == "expert":
+                    s_cum.append(_expert_acceptance(dT, lg, T, top))
+                    pos_all.append(tl + start)
+                    start_all.append(torch.full_like(tl, start))
+                    continue
+                q = _true_prefix_conditionals(dT, y)  # (c, k, V) float64
                 if T == 0:
                     a = (q.argmax(-1) == lg.argmax(-1)).double()  # (c, k)
                 else:
@@ -333,16 +351,38 @@ def _call_draft(draft, takes_k: bool, h, x1, temperature: float, k: int):
     return CPDist(dist.log_weights.detach().cpu(), dist.log_factors[..., :k, :, :].detach().cpu())
 
 
+def _expert_acceptance(dist, lg: torch.Tensor, T: float, top: torch.Tensor) -> torch.Tensor:
+    """Pr(first j drafts accepted) (c, k) for one-expert routing, given the true prefix.
+
+    dist: CPDist batch (c,), n = k, conditioned on x_1 (weights = posterior gate); lg (c, k, V)
+    the backbone's logits after each true prefix. T > 0: expectation over the expert drawn from
+    the gate of prod_{i<=j} sum_v min(p_i, q_{i,a}); T = 0: the gate's argmax ``top`` (c,) drafts
+    and draft j counts while argmax q_{j,top} == argmax p_j.
+    """
+    lf = dist.log_factors.double()  # (c, k, r, V)
+    if T == 0:
+        q_top = lf[torch.arange(lf.shape[0]), :, top]  # (c, k, V)
+        return (q_top.argmax(-1) == lg.argmax(-1)).double().cumprod(1)
+    p = torch.softmax(lg / T, dim=-1)  # (c, k, V)
+    a = torch.minimum(p[:, :, None], lf.exp()).sum(-1).clamp(max=1.0)  # (c, k, r)
+    w = dist.log_weights.double().exp()  # (c, r)
+    return (w[:, None] * a.cumprod(1)).sum(-1)  # (c, k)
+
+
 def _true_prefix_conditionals(dist, y: torch.Tensor) -> torch.Tensor:
     """q_j(.) = CP conditional of drafted position j given the true y_<j, for every j.
 
     dist: CPDist batch (c,), n = k (already conditioned on x_1); y (c, k). Returns (c, k, V)
-    float64. The gate after y_<j is softmax(log w + sum_{i<j} log q_{i,a}(y_i)).
+    float64. The gate after y_<j is softmax(log w + sum_{i<j} log q_{i,a}(y_i)) (a y_i outside a
+    drafting shortlist leaves it unchanged).
     """
     lw = dist.log_weights.double()  # (c, r)
     lf = dist.log_factors.double()  # (c, k, r, V)
     c, k, r, _ = lf.shape
     ll = lf.gather(-1, y.view(c, k, 1, 1).expand(c, k, r, 1)).squeeze(-1)  # (c, k, r)
+    # a true token outside a drafting shortlist has q = 0 under every expert: it says nothing
+    # about the expert, so the gate stays where it was (instead of 0/0)
+    ll = torch.where(torch.isinf(ll).all(-1, keepdim=True), torch.zeros_like(ll), ll)
     before = torch.cat([torch.zeros_like(ll[:, :1]), ll[:, :-1].cumsum(1)], dim=1)  # (c, k, r)
     log_gates = torch.log_softmax(lw[:, None] + before, dim=-1)  # (c, k, r)
     return torch.logsumexp(log_gates[..., None] + lf, dim=2).exp()  # (c, k, V)
@@ -658,9 +698,14 @@ class CostRow:
 
 @torch.no_grad()
 def verify_cost(model, k_values=(1, 2, 3, 4, 5, 6), context_length: int = 64,
-                repeats: int = 30, seed: int = 0) -> list[CostRow]:
+                repeats: int = 30, seed: int = 0, temperature: float = 0.8,
+                routing: str = "mixture") -> list[CostRow]:
     """Time a k-token cached forward (plus logits) after ``context_length`` cached tokens, for
     each k, relative to k = 1; and, if the model has heads, the time to draft k - 1 tokens.
+
+    Drafting is timed exactly as ``cptoy.decoding.generate`` drafts one step at ``temperature``
+    with ``routing``: the heads' call, sampling the drafts and building q (everything the
+    decoder counts as draft time), so ``draft_ratio`` is the share a decoding step pays.
 
     Every round times every k once, in a random order (seeded), and the cache is rolled back
     after each forward. Each figure is the lower quartile over ``repeats`` rounds: on a shared
@@ -668,9 +713,10 @@ def verify_cost(model, k_values=(1, 2, 3, 4, 5, 6), context_length: int = 64,
     forward, measured here), which would move a median; the lower quartile is the cost of the
     computation itself.
     """
-    from cptoy.decoding import _draft_fn, _takes_n_draft
+    from cptoy.decoding import _check_routing, _cp_drafts, _draft_fn, _takes_n_draft
 
     bb = _backbone(model)
+    T = _check_temperature(temperature)
     if isinstance(k_values, int):
         k_values = (k_values,)
     ks = [check_positive_int(k, "k_values entries") for k in k_values]
@@ -687,7 +733,9 @@ def verify_cost(model, k_values=(1, 2, 3, 4, 5, 6), context_length: int = 64,
     heads_ok = getattr(model, "heads", None) is not None and n_future is not None
     draft = _draft_fn(model) if heads_ok else None
     takes_k = draft is not None and _takes_n_draft(draft)
+    _check_routing(routing, model if draft is not None else None)
     g = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)  # the drafts' sampling
     ids = torch.randint(0, V, (1, context_length + max(ks)), generator=g)
     was_training = getattr(model, "training", False)
     model.eval()
@@ -699,7 +747,7 @@ def verify_cost(model, k_values=(1, 2, 3, 4, 5, 6), context_length: int = 64,
         cache = bb.new_cache(1)
         H = bb(ids[:, :context_length], cache)
         h_last = H[:, -1]
-        x1 = ids[:, context_length]
+        x1 = int(ids[0, context_length])
         for rep in range(repeats + 2):  # two warm-up rounds
             order = [ks[i] for i in torch.randperm(len(ks), generator=g).tolist()]
             for k in order:  # a fresh order every round: no aliasing with periodic load
@@ -712,9 +760,8 @@ def verify_cost(model, k_values=(1, 2, 3, 4, 5, 6), context_length: int = 64,
                 can_draft = draft is not None and 2 <= k <= n_future
                 if can_draft:
                     t2 = time.perf_counter()
-                    d = (draft(h_last, x1, 1.0, n_draft=k - 1) if takes_k
-                         else draft(h_last, x1, 1.0))
-                    d.log_weights.sum().item()  # synchronise
+                    _cp_drafts(draft, takes_k, h_last, x1, k - 1, T, gen, dev, False, routing,
+                               model.heads)  # returns Python ints: synchronised
                     dt = time.perf_counter() - t2
                 if rep >= 2:
                     times[k].append(t1 - t0)

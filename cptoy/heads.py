@@ -64,7 +64,7 @@ from cptoy._checks import check_nonneg_number, check_positive_int
 from cptoy.cp import CPDist
 from cptoy.model import GPT, GPTConfig
 
-__all__ = ["CPHeads", "MTPModel", "HeadTerms", "CHECKPOINT_FORMAT", "CHECKPOINT_VERSION"]
+__all__ = ["CPHeads", "MTPModel", "HeadTerms", "DraftStep", "frequency_shortlist", "CHECKPOINT_FORMAT", "CHECKPOINT_VERSION"]
 
 CHECKPOINT_FORMAT = "cptoy-mtp"  # the "format" entry of every checkpoint written by MTPModel.save
 CHECKPOINT_VERSION = 1  # bump when the layout changes; load() refuses newer versions
@@ -204,6 +204,30 @@ class HeadTerms:
 # ============================================================================ heads
 
 
+@dataclass
+class DraftStep:
+    """What :meth:`CPHeads.draft_step` returns: one decode step's drafts and their law.
+
+    Indices are in the drafting space: the vocabulary, or the shortlist (token = vocab[i])."""
+
+    index: list[int]  # (k,) drafted indices d_2..d_{k+1}
+    expert: int | None  # the expert drawn (T > 0) or the posterior's argmax (T = 0); None: rank 1
+    dist: CPDist  # the drafts' q over positions 2..k+1: float64, batch (), over K (or V)
+    vocab: torch.Tensor | None  # (K,) shortlist token ids, or None
+    log_posterior: torch.Tensor | None  # (r,) float64 gate after x_1 (None for rank 1)
+    q_at: list[float] | None = None  # q(d_j) of each draft when q is one factor (T > 0)
+
+    vocab_list: list[int] | None = None  # the shortlist as a Python list (fast lookups)
+
+    @property
+    def tokens(self) -> list[int]:
+        """The drafted token ids."""
+        if self.vocab is None:
+            return list(self.index)
+        ids = self.vocab_list if self.vocab_list is not None else self.vocab.tolist()
+        return [ids[i] for i in self.index]
+
+
 class CPHeads(nn.Module):
     """Rank-r CP heads over the next n tokens, sharing the backbone's unembedding.
 
@@ -272,6 +296,11 @@ class CPHeads(nn.Module):
             self.expert_out = nn.Parameter(torch.randn(vocab_size, e) * 0.02)
         # gate w = softmax(W_g h + b_g); zero init = uniform weights; absent for rank 1
         self.gate = nn.Linear(d, r) if r > 1 else None
+        # drafting shortlist (K,) or None, see set_draft_vocab; moves with .to(), not saved in
+        # the state dict (MTPModel.save stores it beside the weights)
+        self.register_buffer("_draft_vocab", None, persistent=False)
+        self._draft_vocab_list: list[int] | None = None
+        self._draft_rows = None  # cached (key, (U_S, B_S)) for the shortlist
         if self.gate is not None:
             nn.init.zeros_(self.gate.weight)
             nn.init.zeros_(self.gate.bias)
@@ -475,24 +504,74 @@ class CPHeads(nn.Module):
         )
         return HeadTerms(total, log_q, log_first)
 
-    def draft(
-        self,
-        hidden: torch.Tensor,
-        first_tokens: torch.Tensor,
-        temperature: float,
-        n_draft: int | None = None,
-    ) -> CPDist:
-        """The draft distribution of one decode step: CP over positions 2..k+1 given x_1.
+    # ------------------------------------------------------------------ drafting
+    @property
+    def draft_vocab(self) -> torch.Tensor | None:
+        """The drafting shortlist: (K,) int64 token ids, sorted, or None (the whole vocabulary)."""
+        return self._draft_vocab
 
-        hidden (B, d) at the last accepted position, first_tokens (B,) = x_1 chosen by the
-        backbone, ``temperature`` >= 0 (> 0: every factor is softmax(logits / T); 0: untempered,
-        for greedy drafting with ``.mode()``), ``n_draft`` = k drafts (default n - 1).
+    def set_draft_vocab(self, token_ids) -> CPHeads:
+        """Restrict drafting to a shortlist of K token ids (None: the whole vocabulary again).
 
-        Equals ``self(hidden).tempered(T).condition(first_tokens[:, None])`` (restricted to the
-        first k drafted positions), but computes only positions 1..k+1 of one hidden state per
-        sequence, in one matmul for the transforms and one with U.
-        Returns a CPDist with batch shape (B,), n = k, log_weights = the posterior gate.
+        With a shortlist, :meth:`draft` and :meth:`draft_posterior` multiply by the K rows of the
+        unembedding (and of B) instead of all V, and every drafted factor is a softmax over the
+        shortlist (zero elsewhere). Drafts are still verified by the backbone, so decoding stays
+        lossless; only tokens outside the shortlist can no longer be drafted. Training and
+        :meth:`forward` are unaffected. See :func:`frequency_shortlist`.
         """
+        if token_ids is None:
+            self._draft_vocab = None
+            self._draft_vocab_list = None
+            self._draft_rows = None
+            return self
+        if isinstance(token_ids, (list, tuple)):
+            if any(isinstance(t, bool) or not isinstance(t, int) for t in token_ids):
+                raise TypeError("token_ids must hold ints")
+            token_ids = torch.tensor(token_ids, dtype=torch.long)
+        if not isinstance(token_ids, torch.Tensor) or token_ids.is_floating_point():
+            raise TypeError("token_ids must be a 1-D integer tensor or list of ints, or None")
+        ids = token_ids.detach().to("cpu", torch.long).flatten()
+        if ids.numel() == 0:
+            raise ValueError("token_ids must not be empty (None drafts from the whole vocabulary)")
+        if int(ids.min()) < 0 or int(ids.max()) >= self.vocab_size:
+            raise ValueError(f"token_ids must lie in [0, {self.vocab_size})")
+        ids = torch.unique(ids)  # sorted
+        self._draft_vocab = ids.to(self.unembedding.device)
+        self._draft_vocab_list = ids.tolist()
+        self._draft_rows = None
+        return self
+
+    def _draft_matrices(self):
+        """(U_S (K, d), B_S (K, e) or None) for the shortlist, cached until U or B changes."""
+        U = self.unembedding
+        B = self.expert_out if self.expert_dim is not None else None
+        key = (U.data_ptr(), U._version, None if B is None else (B.data_ptr(), B._version))
+        if getattr(self, "_draft_rows", None) is None or self._draft_rows[0] != key:
+            S = self._draft_vocab
+            rows = (U.detach().index_select(0, S),
+                    None if B is None else B.detach().index_select(0, S))
+            self._draft_rows = (key, rows)
+        return self._draft_rows[1]
+
+    def _draft_logits(self, X: torch.Tensor, C: torch.Tensor | None) -> torch.Tensor:
+        """Like :meth:`_logits`, but over the shortlist when one is set: (..., K or V)."""
+        if self._draft_vocab is None:
+            return self._logits(X, C)
+        U_S, B_S = self._draft_matrices()
+        z = X @ U_S.t().to(X.dtype)
+        if C is not None:
+            z = z + C @ B_S.t().to(C.dtype)
+        return z.float()
+
+    def _to_vocab(self, lf: torch.Tensor, compact: bool = False) -> torch.Tensor:
+        """Shortlist log-probabilities (..., K) -> (..., V) with -inf outside the shortlist."""
+        if self._draft_vocab is None or compact:
+            return lf
+        out = lf.new_full(lf.shape[:-1] + (self.vocab_size,), -math.inf)
+        out[..., self._draft_vocab] = lf
+        return out
+
+    def _check_draft_args(self, hidden, first_tokens, temperature, n_draft=None):
         hidden = self._check_hidden(hidden, dims=2)
         Bsz = hidden.shape[0]
         first = self._check_tokens(first_tokens, "first_tokens", (Bsz,))
@@ -500,27 +579,323 @@ class CPHeads(nn.Module):
             raise TypeError(f"temperature must be a float, got {type(temperature).__name__}")
         if not (temperature >= 0 and math.isfinite(temperature)):
             raise ValueError(f"temperature must be a finite float >= 0, got {temperature}")
-        k = self.n_future - 1 if n_draft is None else n_draft
         if self.n_future < 2:
             raise ValueError("draft needs n_future >= 2 (there is nothing to draft after x_1)")
+        k = self.n_future - 1 if n_draft is None else n_draft
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= self.n_future - 1:
             raise ValueError(f"n_draft must be an int in [1, {self.n_future - 1}], got {n_draft}")
+        return hidden, first, float(temperature), k
+
+    def _position1_log_q(self, z1: torch.Tensor, X1, C1, first: torch.Tensor) -> torch.Tensor:
+        """log q_{1,a}(x_1) (B, r) from position-1 draft logits z1 (B, r, K or V), tempered.
+
+        With a shortlist the normaliser runs over the shortlist and the logit of x_1 (which the
+        backbone may have drawn from outside it) is one dot product per expert."""
+        Bsz = z1.shape[0]
+        if self._draft_vocab is None:
+            idx = first.view(Bsz, 1, 1).expand(Bsz, z1.shape[1], 1)
+            zx = z1.gather(-1, idx).squeeze(-1)  # (B, r)
+        else:
+            u = self.unembedding.detach()[first]  # (B, d)
+            zx = (X1 * u[:, None].to(X1.dtype)).sum(-1).float()  # (B, m)
+            if C1 is not None:
+                zx = zx + (C1 * self.expert_out.detach()[first][:, None].to(C1.dtype)).sum(-1)
+            zx = zx.expand(Bsz, z1.shape[1])
+        return zx - torch.logsumexp(z1, dim=-1)
+
+    def draft_posterior(self, hidden: torch.Tensor, first_tokens: torch.Tensor,
+                        temperature: float) -> torch.Tensor:
+        """log of the posterior gate after x_1: (B, r), from hidden (B, d) and x_1 (B,).
+
+        ``log w_a(h) + log q_{1,a}(x_1)`` normalised over experts, with the position-1 factors
+        tempered like the drafts (see :meth:`draft`). Rank 1: zeros (B, 1). Only position 1 is
+        computed (r unembeddings, over the shortlist when one is set).
+        """
+        hidden, first, T, _ = self._check_draft_args(hidden, first_tokens, temperature)
+        return self._posterior(hidden, first, T)
+
+    def _posterior(self, hidden, first, T) -> torch.Tensor:
+        if self.rank == 1:
+            return hidden.new_zeros(hidden.shape[0], 1).float()
+        X1, C1 = self._features(hidden, 1)
+        z1 = self._draft_logits(X1, C1)[:, 0]  # (B, r, K or V)
+        if T > 0 and T != 1.0:
+            z1 = z1 / T
+            X1 = X1 / T
+            C1 = None if C1 is None else C1 / T
+        lq1 = self._position1_log_q(z1, X1[:, 0], None if C1 is None else C1[:, 0], first)
+        return torch.log_softmax(self.gate_log_probs(hidden) + lq1, dim=-1)
+
+    def _expert_features(self, h: torch.Tensor, experts: torch.Tensor, stop: int, start: int = 1):
+        """Features of ONE expert per row: h (B, d), experts (B,) -> X (B, k, 1, d), C or None.
+
+        Only that expert's transforms (and expert codes) at positions start..stop-1 are applied."""
+        n, r, d = self.n_future, self.rank, self.d_model
+        k = stop - start
+        if self.expert_dim is None:
+            W = self.transform_weight.view(n, r, d, d)[start:stop][:, experts]  # (k, B, d, d)
+            b = self.transform_bias.view(n, r, d)[start:stop][:, experts]  # (k, B, d)
+            pre = torch.einsum("kbij,bj->bki", W, h) + b.transpose(0, 1)  # (B, k, d)
+            return (h[:, None] + F.silu(pre)).unsqueeze(2), None
+        W = self.transform_weight[start * d : stop * d]
+        bb = self.transform_bias[start * d : stop * d]
+        X = h.unsqueeze(-2).unsqueeze(-2) + F.silu(F.linear(h, W, bb)).view(-1, k, 1, d)
+        e = self.expert_dim
+        A = self.expert_in_weight.view(n, r, e, d)[start:stop][:, experts]  # (k, B, e, d)
+        c = self.expert_in_bias.view(n, r, e)[start:stop][:, experts]  # (k, B, e)
+        C = F.silu(torch.einsum("kbij,bj->bki", A, h) + c.transpose(0, 1)).unsqueeze(2)
+        return X, C  # (B, k, 1, d), (B, k, 1, e)
+
+    def draft(
+        self,
+        hidden: torch.Tensor,
+        first_tokens: torch.Tensor,
+        temperature: float,
+        n_draft: int | None = None,
+        experts: torch.Tensor | None = None,
+        compact: bool = False,
+    ) -> CPDist:
+        """The draft distribution of one decode step: CP over positions 2..k+1 given x_1.
+
+        hidden (B, d) at the last accepted position, first_tokens (B,) = x_1 chosen by the
+        backbone, ``temperature`` >= 0 (> 0: every factor is softmax(logits / T); 0: untempered,
+        for greedy drafting with ``.mode()``), ``n_draft`` = k drafts (default n - 1).
+
+        ``experts=None`` (mixture routing): equals
+        ``self(hidden).tempered(T).condition(first_tokens[:, None])`` (restricted to the first k
+        drafted positions), computing only positions 1..k+1 of one hidden state per sequence,
+        in one matmul for the transforms and one with U. Returns a CPDist with batch shape (B,),
+        n = k, log_weights = the posterior gate (:meth:`draft_posterior`).
+
+        ``experts`` (B,) int64 (one-expert routing): the factors of that one expert per sequence
+        at positions 2..k+1, a rank-1 CPDist. Drafting from an expert drawn from the posterior
+        gate samples the same CP, but the speculative test then uses that expert's factors as q
+        (still lossless: any draft distribution is, when q is the one the drafts came from); it
+        costs k transforms and k unembeddings instead of r (k + 1).
+
+        With a shortlist (:meth:`set_draft_vocab`) every factor is over the shortlist only:
+        by default still indexed by token id (V entries, -inf outside the shortlist); with
+        ``compact=True`` over the K shortlisted tokens, entry i being token ``draft_vocab[i]``
+        (what the decoder uses: every later step then costs K, not V).
+        """
+        hidden, first, T, k = self._check_draft_args(hidden, first_tokens, temperature, n_draft)
+        Bsz = hidden.shape[0]
+        if experts is not None:
+            experts = self._check_experts(experts, Bsz)
+            z = self._draft_logits(*self._expert_features(hidden, experts, k + 1))  # (B,k,1,K)
+            if T > 0 and T != 1.0:
+                z.mul_(1.0 / T)
+            post = torch.zeros(Bsz, 1, dtype=z.dtype, device=z.device)
+            return CPDist(post, self._to_vocab(torch.log_softmax(z, dim=-1), compact))
         if self.rank == 1:
             # independent heads: the posterior is the prior, so position 1 is never needed
-            z = self._logits(*self._features(hidden, k + 1, start=1))  # (B, k, 1, V)
-            if temperature > 0 and temperature != 1.0:
-                z.mul_(1.0 / temperature)
+            z = self._draft_logits(*self._features(hidden, k + 1, start=1))  # (B, k, 1, K)
+            if T > 0 and T != 1.0:
+                z.mul_(1.0 / T)
             post = torch.zeros(Bsz, 1, dtype=z.dtype, device=z.device)
-            return CPDist(post, torch.log_softmax(z, dim=-1))
-        z = self._logits(*self._features(hidden, k + 1))  # (B, k+1, r, V), a fresh tensor
-        if temperature > 0 and temperature != 1.0:
-            z.mul_(1.0 / temperature)
-        z1 = z[:, 0]  # (B, r, V) position 1: only log q_{1,a}(x_1) is needed, for the posterior
-        idx = first.view(Bsz, 1, 1).expand(Bsz, self.rank, 1)
-        lq1 = z1.gather(-1, idx).squeeze(-1) - torch.logsumexp(z1, dim=-1)  # (B, r)
-        lf = torch.log_softmax(z[:, 1:], dim=-1)  # (B, k, r, V)
+            return CPDist(post, self._to_vocab(torch.log_softmax(z, dim=-1), compact))
+        X, C = self._features(hidden, k + 1)
+        z = self._draft_logits(X, C)  # (B, k+1, r, K or V), a fresh tensor
+        if T > 0 and T != 1.0:
+            z.mul_(1.0 / T)
+            X = X[:, :1] / T
+            C = None if C is None else C[:, :1] / T
+        # position 1: only log q_{1,a}(x_1) is needed, for the posterior
+        lq1 = self._position1_log_q(z[:, 0], X[:, 0], None if C is None else C[:, 0], first)
+        lf = self._to_vocab(torch.log_softmax(z[:, 1:], dim=-1), compact)  # (B, k, r, V or K)
         post = torch.log_softmax(self.gate_log_probs(hidden) + lq1, dim=-1)  # (B, r)
         return CPDist(post, lf)
+
+    def _step_tables(self) -> dict:
+        """Weights laid out for :meth:`draft_step`, cached until a parameter changes.
+
+        ``UT`` (d, K) = the shortlist's (or all) unembedding rows, transposed and contiguous;
+        full heads: ``W``/``b`` = the transforms grouped by expert, (r, n*d, d) / (r, n*d), so
+        that one expert's positions 2..k+1 are one contiguous slice; structured heads: ``BT``
+        (e, K) and the expert codes grouped the same way, ``A``/``c`` (r, n*e, d) / (r, n*e).
+        """
+        params = [self.unembedding, self.transform_weight, self.transform_bias]
+        if self.gate is not None:
+            params += [self.gate.weight, self.gate.bias]
+        if self.expert_dim is not None:
+            params += [self.expert_in_weight, self.expert_in_bias, self.expert_out]
+        S = self._draft_vocab
+        key = tuple((t.data_ptr(), t._version) for t in params) + (
+            None if S is None else (S.data_ptr(), S._version),)
+        cached = getattr(self, "_tables", None)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        n, r, d = self.n_future, self.rank, self.d_model
+        with torch.no_grad():
+            U = self.unembedding.detach()
+            t = dict(UT=(U if S is None else U.index_select(0, S)).t().contiguous())
+            Wt, bt = self.transform_weight.detach(), self.transform_bias.detach()
+            if self.expert_dim is None:
+                t["W"] = Wt.view(n, r, d, d).transpose(0, 1).reshape(r, n * d, d).contiguous()
+                t["b"] = bt.view(n, r, d).transpose(0, 1).reshape(r, n * d).contiguous()
+            else:
+                e = self.expert_dim
+                B = self.expert_out.detach()
+                t["BT"] = (B if S is None else B.index_select(0, S)).t().contiguous()
+                A, c = self.expert_in_weight.detach(), self.expert_in_bias.detach()
+                t["A"] = A.view(n, r, e, d).transpose(0, 1).reshape(r, n * e, d).contiguous()
+                t["c"] = c.view(n, r, e).transpose(0, 1).reshape(r, n * e).contiguous()
+        self._tables = (key, t)
+        return t
+
+    def _step_logits(self, h, tb, expert: int, start: int, stop: int) -> torch.Tensor:
+        """Logits (k, K) of ONE expert at positions start..stop-1 for h (1, d)."""
+        key = (expert, start, stop)
+        w = tb.get(key)
+        if w is None:  # the weight slices this step reads, as views (cached: indexing is slow)
+            d, e = self.d_model, self.expert_dim
+            if e is None:
+                w = (tb["W"][expert, start * d : stop * d], tb["b"][expert, start * d : stop * d])
+            else:
+                w = (self.transform_weight.detach()[start * d : stop * d],
+                     self.transform_bias.detach()[start * d : stop * d],
+                     tb["A"][expert, start * e : stop * e], tb["c"][expert, start * e : stop * e])
+            tb[key] = w
+        k = stop - start
+        X = h + F.silu(F.linear(h, w[0], w[1])).view(k, -1)  # (k, d)
+        if self.expert_dim is None:
+            return X @ tb["UT"]
+        C = F.silu(F.linear(h, w[2], w[3])).view(k, -1)  # (k, e)
+        return torch.addmm(C @ tb["BT"], X, tb["UT"])
+
+    def _step_posterior(self, h, tb, x1: int, t: float) -> torch.Tensor:
+        """log posterior gate (r,) after x_1 for h (1, d): position 1 of every expert, tempered."""
+        w = tb.get("pos1")
+        if w is None:  # position 1's weights and the gate, as views (cached: indexing is slow)
+            r, d, e = self.rank, self.d_model, self.expert_dim
+            m = r if e is None else 1
+            w = (self.transform_weight.detach()[: m * d], self.transform_bias.detach()[: m * d],
+                 self.gate.weight.detach(), self.gate.bias.detach())
+            if e is not None:
+                w += (self.expert_in_weight.detach()[: r * e],
+                      self.expert_in_bias.detach()[: r * e], self.expert_out.detach())
+            tb["pos1"] = w
+        X1 = h + F.silu(F.linear(h, w[0], w[1])).view(-1, self.d_model)  # (r or 1, d)
+        u = self.unembedding.detach()[x1]  # (d,)
+        z1 = X1 @ tb["UT"]  # (r or 1, K)
+        zx = X1 @ u  # (r or 1,)
+        if self.expert_dim is not None:
+            C1 = F.silu(F.linear(h, w[4], w[5])).view(self.rank, -1)  # (r, e)
+            z1 = z1 + C1 @ tb["BT"]  # (r, K)
+            zx = zx + C1 @ w[6][x1]  # (r,)
+        lq1 = zx / t - torch.logsumexp(z1 / t if t != 1.0 else z1, dim=-1)  # (r,)
+        return torch.log_softmax(F.linear(h[0], w[2], w[3]) + lq1, dim=-1).double()
+
+    def draft_step(self, hidden: torch.Tensor, x1: int, k: int, temperature: float,
+                   generator: torch.Generator | None = None,
+                   routing: str = "mixture") -> DraftStep:
+        """Everything one self-speculative decode step needs from the heads, for ONE sequence.
+
+        hidden (1, d) at the last accepted position, x1 the backbone's token, k drafts,
+        ``temperature`` (0: greedy drafts), ``generator`` for the draws, ``routing`` "mixture"
+        or "expert" (see ``cptoy.decoding``). The same distribution as :meth:`draft` (the tests
+        check it), computed with few tensor operations on weights laid out for it
+        (:meth:`_step_tables`): at toy size a decode step is bound by per-operation overhead and
+        by reading weights the backbone's forward pushed out of the cache, not by multiply-adds.
+
+        Sampling (T > 0) is ancestral: an expert from the posterior gate, then each drafted
+        position from that expert's tempered factor. Greedy (T = 0): the mixture's sequential
+        mode (``CPDist.mode``), or with one-expert routing the argmax expert's argmaxes.
+        Returns a :class:`DraftStep` in the drafting space (the shortlist, when one is set).
+        """
+        if torch.is_grad_enabled():  # (a decorator would cost ~10 us per decode step)
+            with torch.no_grad():
+                return self.draft_step(hidden, x1, k, temperature, generator, routing)
+        tb = self._step_tables()
+        t = temperature if temperature > 0 else 1.0
+        log_post, expert = None, None
+        if self.rank > 1:
+            log_post = self._step_posterior(hidden, tb, x1, t)  # (r,) float64
+            if routing == "expert" or temperature > 0:
+                expert = (int(log_post.argmax()) if temperature == 0 else
+                          int(_sample_index(log_post.exp()[None], generator)))
+        if self.rank == 1 or routing == "expert":
+            z = self._step_logits(hidden, tb, expert or 0, 1, k + 1).double()  # (k, K)
+            lf = torch.log_softmax(z / t if t != 1.0 else z, dim=-1)  # (k, K)
+            if temperature == 0:
+                return DraftStep(z.argmax(-1).tolist(), expert, CPDist(lf.new_zeros(1),
+                                 lf.unsqueeze(1)), self._draft_vocab, log_post,
+                                 vocab_list=self._draft_vocab_list)
+            probs = lf.exp()
+            idx = _sample_index(probs, generator)  # (k, 1)
+            return DraftStep(idx.view(-1).tolist(), expert,
+                             CPDist(lf.new_zeros(1), lf.unsqueeze(1)), self._draft_vocab,
+                             log_post, probs.gather(1, idx).view(-1).tolist(),
+                             self._draft_vocab_list)
+        # mixture routing, rank > 1: every expert's factors at positions 2..k+1
+        n, r, d = self.n_future, self.rank, self.d_model
+        e = self.expert_dim
+        m = r if e is None else 1  # transforms per position
+        W, b = self.transform_weight[m * d : (k + 1) * m * d], self.transform_bias[
+            m * d : (k + 1) * m * d]
+        X = hidden + F.silu(F.linear(hidden, W, b)).view(k, m, d)  # (k, m, d)
+        z = X @ tb["UT"]  # (k, m, K)
+        if e is not None:
+            A = self.expert_in_weight[r * e : (k + 1) * r * e]
+            c = self.expert_in_bias[r * e : (k + 1) * r * e]
+            z = z + F.silu(F.linear(hidden, A, c)).view(k, r, e) @ tb["BT"]  # (k, r, K)
+        z = z.double()  # (k, r, K)
+        lf = torch.log_softmax(z / t if t != 1.0 else z, dim=-1)
+        if temperature == 0:
+            idx = CPDist(log_post, lf).mode()
+            expert = int(log_post.argmax())
+        else:
+            idx = _sample_index(lf[:, expert].exp(), generator).view(-1)
+        return DraftStep(idx.tolist(), expert, CPDist(log_post, lf), self._draft_vocab, log_post,
+                         vocab_list=self._draft_vocab_list)
+
+    def _check_experts(self, experts, Bsz: int) -> torch.Tensor:
+        if not isinstance(experts, torch.Tensor) or experts.is_floating_point() or \
+                experts.dtype == torch.bool:
+            raise TypeError("experts must be an int64 tensor (B,) of expert indices or None")
+        if tuple(experts.shape) != (Bsz,):
+            raise ValueError(f"experts must have shape ({Bsz},), got {tuple(experts.shape)}")
+        if experts.numel() and (int(experts.min()) < 0 or int(experts.max()) >= self.rank):
+            raise ValueError(f"experts must lie in [0, {self.rank})")
+        return experts.long().to(self.transform_weight.device)
+
+
+def _sample_index(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One draw per row of ``probs`` (m, K) (float64, nonnegative): indices (m, 1).
+
+    Inverse CDF with ``right=True``, so an index with zero mass is never returned; u * total
+    rounding up to the total (probability ~1e-16) falls back to the last index with mass.
+    A few tensor operations, unlike ``torch.multinomial``'s checks (60 us a call here)."""
+    c = probs.cumsum(-1)  # (m, K)
+    u = torch.rand(probs.shape[0], 1, dtype=probs.dtype, generator=generator) * c[:, -1:]
+    idx = torch.searchsorted(c, u, right=True)  # (m, 1)
+    if int(idx.max()) >= probs.shape[-1]:
+        last = (probs > 0).cumsum(-1).argmax(-1, keepdim=True)  # last index with mass
+        idx = torch.minimum(idx, last)
+    return idx
+
+
+def frequency_shortlist(ids, vocab_size: int, size: int) -> torch.Tensor:
+    """The ``size`` most frequent token ids of ``ids`` (a 1-D tensor or list of training ids),
+    sorted: a drafting shortlist for :meth:`CPHeads.set_draft_vocab` (FR-Spec's idea: rare
+    tokens are rarely accepted, so drafting over the frequent ones loses little and costs
+    size / V of the unembedding). Ties are broken by the smaller id."""
+    check_positive_int(vocab_size, "vocab_size")
+    check_positive_int(size, "size")
+    if size > vocab_size:
+        raise ValueError(f"size must be <= vocab_size={vocab_size}, got {size}")
+    if isinstance(ids, (list, tuple)):
+        ids = torch.tensor(ids, dtype=torch.long)
+    if not isinstance(ids, torch.Tensor) or ids.is_floating_point() or ids.dim() != 1:
+        raise TypeError("ids must be a 1-D integer tensor (or list) of token ids")
+    if ids.numel() == 0:
+        raise ValueError("ids must not be empty")
+    ids = ids.to("cpu", torch.long)
+    if int(ids.min()) < 0 or int(ids.max()) >= vocab_size:
+        raise ValueError(f"ids hold token ids outside [0, {vocab_size})")
+    counts = torch.bincount(ids, minlength=vocab_size)
+    order = torch.argsort(-counts, stable=True)  # by count descending, then id ascending
+    return torch.sort(order[:size]).values
 
 
 # ============================================================================ the model

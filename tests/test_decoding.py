@@ -449,3 +449,102 @@ def test_mtp_model_greedy_equality(n, rank, expert_dim):
         assert any(len(r.drafts) == n - 1 for r in g.steps)
         if rank > 1:
             assert all(len(r.gate_prior) == rank for r in g.steps if r.drafts)
+
+
+# ============================================================================ cheap drafting
+def _sampling_mtp(rank=3, V=4, seed=3):
+    """A real MTPModel (tiny GPT, float64) with perturbed heads: q differs from p."""
+    from cptoy.heads import MTPModel
+    from cptoy.model import GPTConfig
+
+    torch.manual_seed(seed)
+    model = MTPModel(GPTConfig.preset("tiny", vocab_size=V, block_size=32), 4, rank).double()
+    with torch.no_grad():
+        model.backbone.wte.weight.mul_(2.0)  # p spread over V (max about 0.6), not uniform
+        for p in model.heads.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    model.eval()
+    return model
+
+
+def _attach_exact(model, prompt, m, T):
+    V = model.config.vocab_size
+    seqs = list(itertools.product(range(V), repeat=m))
+    with torch.no_grad():
+        x = torch.tensor([prompt + list(s) for s in seqs])
+        lp = torch.log_softmax(model.backbone.logits(model.backbone(x)) / T, -1)  # (N, L, V)
+    P = len(prompt)
+    exact = {}
+    for i, s in enumerate(seqs):
+        exact[s] = math.exp(sum(float(lp[i, P - 1 + j, t]) for j, t in enumerate(s)))
+    model.backbone.exact_distribution = lambda prompt_, m_, t_: exact
+
+
+@pytest.mark.parametrize("routing,shortlist", [("expert", None), ("expert", [0, 2]),
+                                               ("mixture", [1, 2, 3])])
+def test_cheap_drafting_is_exact(routing, shortlist):
+    """One-expert routing and a drafting shortlist keep self-spec sampling exact (real heads)."""
+    model = _sampling_mtp()
+    model.heads.set_draft_vocab(shortlist)
+    prompt, m, T = [0, 3, 1], 4, 0.9
+    _attach_exact(model, prompt, m, T)
+    acc = att = 0
+    for s in range(60):
+        g = generate(model, prompt, m, temperature=T, strategy="self-spec", seed=s,
+                     routing=routing)
+        acc, att = acc + sum(g.stats.accepted_per_step), att + sum(g.stats.drafted_per_step)
+    assert 0.1 < acc / att < 0.95  # both the accept and the residual paths run
+    p = _gof_pvalue(model, prompt, m, T, 2000, strategy="self-spec", routing=routing)
+    assert p > 1e-3, p
+
+
+def test_cheap_drafting_greedy_equality_and_records():
+    model = _sampling_mtp(rank=3, V=16, seed=5)
+    model.heads.set_draft_vocab(list(range(0, 16, 2)))
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        prompt = torch.randint(0, 16, (4,), generator=gen).tolist()
+        ref = generate(model, prompt, 20, temperature=0, strategy="ar").tokens
+        for routing in ("mixture", "expert"):
+            g = generate(model, prompt, 20, temperature=0, strategy="self-spec", routing=routing)
+            assert g.tokens == ref
+            g = generate(model, prompt, 20, temperature=0.8, strategy="self-spec", seed=1,
+                         routing=routing, record_steps=True)
+            for r in g.steps:
+                assert all(d % 2 == 0 for d in r.drafts)  # drafts come from the shortlist
+                if r.drafts:
+                    assert r.q.shape == (len(r.drafts), 16)
+                    assert torch.allclose(r.q.sum(-1), torch.ones(len(r.drafts),
+                                                                  dtype=torch.float64))
+                    assert (r.q[:, 1::2] == 0).all()
+                    if routing == "expert":  # q is the drawn expert's factor
+                        assert r.gates[0][r.expert] == 1.0
+    with pytest.raises(ValueError, match="routing"):
+        generate(model, [1], 3, strategy="self-spec", routing="top-2")
+    fake = make_fake("random", V=3, n=3, rank=2)
+    with pytest.raises(TypeError, match="routing"):
+        generate(fake, [1], 3, strategy="self-spec", routing="expert")
+
+
+def test_cheap_drafting_test_has_power(monkeypatch):
+    """Negative control: one-expert drafts tested against a q they were not drawn from (the
+    uniform distribution) are caught by the same goodness-of-fit test."""
+    from cptoy.cp import CPDist
+
+    model = _sampling_mtp()
+    prompt, m, T = [0, 3, 1], 4, 0.9
+    _attach_exact(model, prompt, m, T)
+    heads = model.heads
+    real = heads.draft_step
+
+    def wrong_q(hidden, x1, k, temperature, generator=None, routing="mixture"):
+        st = real(hidden, x1, k, temperature, generator, "expert")
+        V = heads.vocab_size
+        st.dist = CPDist(torch.zeros(1, dtype=torch.float64),
+                         torch.full((k, 1, V), -math.log(V), dtype=torch.float64))
+        st.q_at = [1.0 / V] * k
+        return st
+
+    monkeypatch.setattr(heads, "draft_step", wrong_q)
+    p = _gof_pvalue(model, prompt, m, T, 2000, strategy="self-spec", routing="expert")
+    assert p < 1e-6, p

@@ -126,6 +126,82 @@ def test_teacher_forced_equals_slow_reference(T):
         assert 0.0 < res.spec_prefix[0] < 1.0  # not a degenerate model
 
 
+def _expert_reference(model, ids, res, T):
+    """Slow loop for one-expert routing: expert a ~ posterior gate (its argmax at T = 0 and
+    for greedy match), drafts and q from that expert's factors; exact expectation over a."""
+    k = res.n_draft
+    greedy, spec = [], []
+    for t, s in zip(res.positions.tolist(), res.context_starts.tolist(), strict=True):
+        H = model.backbone(ids[s:t + k + 1][None])[0]
+        h, x1, y = H[t - s], ids[t + 1], ids[t + 2:t + k + 2]
+        full = model.heads(h[None])
+        post1 = full.condition(x1.view(1, 1))  # untempered: greedy match
+        top = int(post1.log_weights[0].argmax())
+        mode = post1.log_factors[0, :k, top].argmax(-1)
+        acc = 0
+        while acc < k and int(mode[acc]) == int(y[acc]):
+            acc += 1
+        greedy.append(1 + acc)
+        cond = (full.tempered(T) if T > 0 else full).condition(x1.view(1, 1)).to(torch.float64)
+        w = cond.weights[0]  # (r,)
+        lgs = [model.backbone.logits(H[t - s + 1 + j]).double() for j in range(k)]
+        total = 1.0
+        for j in range(k):
+            if T == 0:
+                a_top = int(cond.log_weights[0].argmax())
+                ok = all(int(cond.log_factors[0, i, a_top].argmax()) == int(lgs[i].argmax())
+                         for i in range(j + 1))
+                total += float(ok)
+            else:
+                pr = 0.0
+                for a in range(cond.rank):
+                    prod = 1.0
+                    for i in range(j + 1):
+                        q = cond.log_factors[0, i, a].exp()
+                        prod *= float(torch.minimum(torch.softmax(lgs[i] / T, -1), q).sum())
+                    pr += float(w[a]) * prod
+                total += pr
+        spec.append(total)
+    return torch.tensor(greedy), torch.tensor(spec, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("T", [0.8, 0.0])
+def test_teacher_forced_one_expert_routing_equals_slow_reference(T):
+    model = _tiny_mtp()
+    ids = torch.randint(0, 16, (80,), generator=torch.Generator().manual_seed(2))
+    res = teacher_forced_acceptance(model, ids, n_draft=3, temperature=T, max_positions=None,
+                                    min_context=4, routing="expert")
+    with torch.no_grad():
+        ref_g, ref_s = _expert_reference(model, ids, res, T)
+    assert torch.equal(res.greedy_per_position, ref_g)
+    torch.testing.assert_close(res.spec_per_position, ref_s, atol=2e-5, rtol=0)
+    mix = teacher_forced_acceptance(model, ids, n_draft=3, temperature=T, max_positions=None,
+                                    min_context=4)
+    assert torch.equal(mix.positions, res.positions)
+    if T > 0:  # E_a[1 - TV(p, q_a)] <= 1 - TV(p, mixture) at the first draft (convexity)
+        assert res.spec_prefix[0] <= mix.spec_prefix[0] + 1e-9
+
+
+def test_teacher_forced_with_a_shortlist():
+    model = _tiny_mtp()
+    ids = torch.randint(0, 16, (80,), generator=torch.Generator().manual_seed(2))
+    kw = dict(n_draft=3, temperature=0.8, max_positions=None, min_context=4)
+    full = teacher_forced_acceptance(model, ids, **kw)
+    model.heads.set_draft_vocab(list(range(8)))  # half the vocabulary: true tokens fall outside
+    short = teacher_forced_acceptance(model, ids, **kw)
+    one = teacher_forced_acceptance(model, ids, routing="expert", **kw)
+    for res in (short, one):
+        assert not torch.isnan(res.spec_per_position).any()
+        assert 1.0 <= res.spec_tokens_per_forward <= 4.0
+    assert short.spec_tokens_per_forward != full.spec_tokens_per_forward
+    # the greedy drafts are shortlisted tokens, so a true token outside never matches
+    outside = ids[short.positions + 2] >= 8
+    assert (short.greedy_per_position[outside] == 1).all()
+    model.heads.set_draft_vocab(None)
+    with pytest.raises(ValueError, match="routing"):
+        teacher_forced_acceptance(model, ids, routing="top-1", **kw)
+
+
 def test_teacher_forced_n_draft_max_positions_and_determinism():
     model = _tiny_mtp(n=5, rank=2)
     ids = torch.randint(0, 16, (300,), generator=torch.Generator().manual_seed(2))

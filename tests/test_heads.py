@@ -8,10 +8,11 @@ import torch
 import torch.nn as nn
 
 from cptoy.cp import CPDist
-from cptoy.heads import CPHeads, MTPModel
+from cptoy.heads import CPHeads, MTPModel, frequency_shortlist
 from cptoy.model import GPTConfig
 
 STRUCTURES = [None, 4]  # full heads, structured heads with expert_dim 4
+TOL = dict(atol=1e-5, rtol=1e-5)  # float32 computations compared in float64
 
 
 def make_heads(V=7, d=8, n=3, r=3, expert_dim=None, chunk_size=2, seed=0):
@@ -378,3 +379,135 @@ def test_fused_loss_under_cuda_bf16_autocast():
     assert abs(got.log_q_sum.item() - ref.item()) < 0.02 * abs(ref.item())
     got.log_q_sum.backward()
     assert h.grad is not None and torch.isfinite(h.grad).all()
+
+
+# ----------------------------------------------------------------------------- cheap drafting
+def _perturbed(V=9, n=4, r=3, expert_dim=None, seed=0):
+    heads, U = make_heads(V=V, n=n, r=r, expert_dim=expert_dim, seed=seed)
+    with torch.no_grad():
+        for p in heads.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    return heads
+
+
+@pytest.mark.parametrize("expert_dim", STRUCTURES)
+@pytest.mark.parametrize("temperature", [0.0, 0.7, 1.0])
+def test_one_expert_draft_and_posterior_match_the_mixture(expert_dim, temperature):
+    heads = _perturbed(expert_dim=expert_dim)
+    h = torch.randn(5, 8)
+    first = torch.tensor([0, 3, 5, 7, 8])
+    mix = heads.draft(h, first, temperature)
+    torch.testing.assert_close(heads.draft_posterior(h, first, temperature), mix.log_weights)
+    experts = torch.tensor([0, 2, 1, 1, 0])
+    one = heads.draft(h, first, temperature, experts=experts)
+    assert one.rank == 1 and one.n == 3
+    torch.testing.assert_close(one.log_factors[:, :, 0],
+                               mix.log_factors[torch.arange(5), :, experts])
+    with pytest.raises(ValueError, match="experts"):
+        heads.draft(h, first, temperature, experts=torch.tensor([0, 1, 2, 3, 0]))
+    with pytest.raises(TypeError, match="experts"):
+        heads.draft(h, first, temperature, experts=torch.zeros(5))
+
+
+@pytest.mark.parametrize("expert_dim", STRUCTURES)
+def test_shortlist_drafts_only_shortlisted_tokens(expert_dim):
+    heads = _perturbed(expert_dim=expert_dim)
+    h, first, T = torch.randn(4, 8), torch.tensor([1, 2, 4, 6]), 0.8
+    full = heads(h)  # the full CP (training and analysis never use the shortlist)
+    S = [0, 2, 3, 5, 8]
+    heads.set_draft_vocab(torch.tensor([8, 0, 3, 2, 5, 5]))  # any order, duplicates dropped
+    assert heads.draft_vocab.tolist() == S
+    torch.testing.assert_close(heads(h).log_factors, full.log_factors)  # unaffected
+    d = heads.draft(h, first, T)
+    out = [v for v in range(9) if v not in S]
+    assert torch.isinf(d.log_factors[..., out]).all()
+    # on the shortlist: each factor is the tempered softmax restricted to it
+    z = heads.factor_logits(h)[:, 1:] / T  # (4, 3, r, V)
+    torch.testing.assert_close(d.log_factors[..., S], torch.log_softmax(z[..., S], -1))
+    # the posterior uses x_1's own logit (x_1 = 1, 4, 6 lie outside) over the shortlist's normaliser
+    z1 = heads.factor_logits(h, 1)[:, 0] / T  # (4, r, V)
+    lq1 = z1.gather(-1, first.view(4, 1, 1).expand(4, 3, 1)).squeeze(-1) - torch.logsumexp(
+        z1[..., S], -1)
+    torch.testing.assert_close(d.log_weights,
+                               torch.log_softmax(heads.gate_log_probs(h) + lq1, -1))
+    compact = heads.draft(h, first, T, compact=True)
+    torch.testing.assert_close(compact.log_factors, d.log_factors[..., S])
+    heads.set_draft_vocab(None)
+    torch.testing.assert_close(heads.draft(h, first, T).log_factors,
+                               full.tempered(T).condition(first[:, None]).log_factors)
+
+
+def test_set_draft_vocab_rejects_bad_input():
+    heads = _perturbed()
+    with pytest.raises(ValueError, match="token_ids"):
+        heads.set_draft_vocab([0, 9])
+    with pytest.raises(ValueError, match="token_ids"):
+        heads.set_draft_vocab([])
+    with pytest.raises(TypeError, match="token_ids"):
+        heads.set_draft_vocab(torch.tensor([0.5, 1.0]))
+    with pytest.raises(TypeError, match="token_ids"):
+        heads.set_draft_vocab("abc")
+
+
+def test_frequency_shortlist():
+    ids = torch.tensor([4, 4, 4, 1, 1, 7, 7, 2, 0, 0])
+    assert frequency_shortlist(ids, 8, 3).tolist() == [0, 1, 4]  # 4 x3; 0, 1, 7 x2: smaller ids
+    assert frequency_shortlist([3, 3], 5, 5).tolist() == [0, 1, 2, 3, 4]
+    with pytest.raises(ValueError, match="size"):
+        frequency_shortlist(ids, 8, 9)
+    with pytest.raises(ValueError, match="ids"):
+        frequency_shortlist(ids, 4, 2)
+    with pytest.raises(TypeError, match="ids"):
+        frequency_shortlist(ids.float(), 8, 2)
+
+
+@pytest.mark.parametrize("expert_dim", STRUCTURES)
+@pytest.mark.parametrize("rank", [1, 3])
+@pytest.mark.parametrize("shortlist", [None, [0, 1, 3, 5, 8]])
+def test_draft_step_is_the_draft_distribution(expert_dim, rank, shortlist):
+    """The lean one-sequence decode path computes the same distributions as draft()."""
+    heads = _perturbed(r=rank, expert_dim=expert_dim)
+    heads.set_draft_vocab(shortlist)
+    h = torch.randn(1, 8)
+    for T in (0.0, 0.7, 1.0):
+        for x1 in (0, 2, 7):
+            for routing in ("mixture", "expert"):
+                g = torch.Generator().manual_seed(x1)
+                st = heads.draft_step(h, x1, 2, T, g, routing)
+                ref = heads.draft(h, torch.tensor([x1]), T if T > 0 else 1.0, n_draft=2,
+                                  compact=True)[0]
+                assert len(st.index) == 2 and st.dist.n == 2
+                K = 9 if shortlist is None else len(shortlist)
+                assert all(0 <= i < K for i in st.index)
+                if rank > 1:
+                    torch.testing.assert_close(st.log_posterior, ref.log_weights.double(), **TOL)
+                if st.dist.rank == 1 and rank > 1:  # one-expert routing: that expert's factors
+                    torch.testing.assert_close(st.dist.log_factors[:, 0],
+                                               ref.log_factors[:, st.expert].double(), **TOL)
+                else:
+                    torch.testing.assert_close(st.dist.log_factors, ref.log_factors.double(), **TOL)
+                vocab = list(range(9)) if shortlist is None else shortlist
+                assert st.tokens == [vocab[i] for i in st.index]
+                if T == 0 and st.dist.rank == 1:
+                    assert st.index == st.dist.log_factors[:, 0].argmax(-1).tolist()
+                if T == 0 and st.dist.rank > 1:
+                    assert st.index == st.dist.mode().tolist()
+                if T > 0 and st.q_at is not None:
+                    expect = st.dist.log_factors[torch.arange(2), 0, st.index].exp().tolist()
+                    assert st.q_at == pytest.approx(expect)
+
+
+def test_draft_step_samples_from_the_factor():
+    """Chi-square: draft_step's T > 0 draws follow the expert's factor (rank 1, shortlist)."""
+    from scipy.stats import chisquare
+
+    heads = _perturbed(r=1)
+    heads.set_draft_vocab([1, 2, 4, 6])
+    h = torch.randn(1, 8)
+    g = torch.Generator().manual_seed(0)
+    st = heads.draft_step(h, 3, 1, 0.9, g)
+    probs = st.dist.log_factors[0, 0].exp()
+    counts = torch.zeros(4)
+    for _ in range(4000):
+        counts[heads.draft_step(h, 3, 1, 0.9, g).index[0]] += 1
+    assert chisquare(counts.numpy(), (4000 * probs).numpy()).pvalue > 1e-3
