@@ -50,7 +50,8 @@ checkpoints: $(STAMP)
 	  for r in 1 8; do \
 	    $(PY) -m cptoy train --corpus $$c --rank $$r --n-future 4 --freeze-backbone \
 	      --init runs/$${c}_backbone_mtp.pt --minutes $(HEAD_MINUTES) --steps 100000 --batch-size 16 \
-	      --head-positions 0.25 --half --out cptoy/checkpoints/$${c}_r$$r.pt || exit 1; \
+	      --head-positions 0.25 --draft-vocab 512 --half --out cptoy/checkpoints/$${c}_r$$r.pt \
+	      || exit 1; \
 	  done; \
 	done
 

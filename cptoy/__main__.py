@@ -84,6 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="start the backbone from this checkpoint (its tokenizer and config are used)",
     )
     t.add_argument("--half", action="store_true", help="save weights in float16")
+    t.add_argument(
+        "--draft-vocab", type=int, default=None, metavar="K",
+        help="store a drafting shortlist: the K most frequent training tokens "
+        "(cheaper drafting; decoding stays lossless)",
+    )
     t.add_argument("--no-progress", action="store_true")
     t.add_argument("--out", required=True, help="checkpoint path to write")
 
@@ -93,6 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-new-tokens", type=int, default=200)
     s.add_argument("--temperature", type=float, default=0.8)
     s.add_argument("--strategy", choices=["ar", "self-spec", "lookup"], default="ar")
+    s.add_argument("--routing", choices=["mixture", "expert"], default="mixture",
+                   help="self-spec: q = the CP mixture, or one expert drawn from the posterior")
     s.add_argument("--seed", type=int, default=0)
 
     f = sub.add_parser("figures", help="regenerate the static figures")
@@ -181,6 +188,11 @@ def cmd_train(args) -> int:
         eval_batch_size=cfg.batch_size,
     )
     extra = dict(command="python -m cptoy " + shlex.join(args.argv), time=time.time())
+    if args.draft_vocab is not None:
+        from cptoy.heads import frequency_shortlist
+
+        model.heads.set_draft_vocab(
+            frequency_shortlist(corpus.train_ids, model.config.vocab_size, args.draft_vocab))
     save_checkpoint(
         model,
         args.out,
@@ -227,6 +239,7 @@ def cmd_sample(args) -> int:
             temperature=args.temperature,
             strategy=args.strategy,
             seed=args.seed,
+            routing=args.routing,
         )
         new = list(g.tokens)
         st = g.stats

@@ -1126,7 +1126,8 @@ class MTPModel(nn.Module):
         dtype: torch.dtype = torch.float32,
         extra: dict | None = None,
     ) -> None:
-        """Write a checkpoint: config, n_future, rank, head kwargs, weights, tokenizer, metrics.
+        """Write a checkpoint: config, n_future, rank, head kwargs, weights, tokenizer, metrics
+        and the heads' drafting shortlist (``heads.draft_vocab``; restored by :meth:`load`).
 
         ``tokenizer``: an object with ``to_dict()`` or a dict (or None). ``dtype=torch.float16``
         stores floating weights in half precision (small shipped checkpoints); :meth:`load`
@@ -1158,6 +1159,7 @@ class MTPModel(nn.Module):
             tokenizer=tokenizer,
             metrics=dict(metrics or {}),
             extra=dict(extra or {}),
+            draft_vocab=None if self.heads.draft_vocab is None else self.heads.draft_vocab.tolist(),
         )
         path = os.fspath(path)
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -1217,6 +1219,11 @@ class MTPModel(nn.Module):
         except (TypeError, ValueError) as exc:
             raise ValueError(f"checkpoint {path!r} records invalid head settings: {exc}") from exc
         model.load_weights(ckpt["state_dict"], source=path)
+        if ckpt.get("draft_vocab") is not None:
+            try:
+                model.heads.set_draft_vocab(ckpt["draft_vocab"])
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"checkpoint {path!r} has an invalid draft_vocab: {exc}") from exc
         return model
 
     def load_weights(self, state: dict, source: str = "<state dict>", prefix: str = "") -> None:

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from cptoy import checkpoints
-from cptoy.recipes import check_slice_ids, check_slice_metrics
+from cptoy.recipes import DRAFT_VOCAB, check_slice_ids, check_slice_metrics
 
 EXPECTED = ["code_r1", "code_r8", "shakespeare_r1", "shakespeare_r8"]
 
@@ -24,6 +24,11 @@ def test_checkpoint_is_small_and_reproduces_its_metrics(name):
         assert measured[key] == pytest.approx(value, abs=2e-3), key
     # demo-grade: the backbone is far from a unigram model (about 1.1-1.5 nats per byte)
     assert metrics["check_slice"]["next_token_nll"] < 5.0
+    # a frequency shortlist for cheap drafting: 512 tokens covering most held-out text
+    vocab = model.heads.draft_vocab
+    assert vocab is not None and vocab.numel() == DRAFT_VOCAB
+    held = check_slice_ids(metrics["corpus"], tok)
+    assert torch.isin(held, vocab).double().mean() > 0.6
 
 
 def test_rank_pairs_share_one_frozen_backbone():

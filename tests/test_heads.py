@@ -298,6 +298,16 @@ def test_save_load_round_trip_exact(tmp_path, expert_dim):
     batch = ids(2, 20, seed=4)
     with torch.no_grad():
         assert torch.equal(model.loss(batch)["total"], loaded.loss(batch)["total"])
+    assert loaded.heads.draft_vocab is None
+    # the drafting shortlist travels with the checkpoint
+    model.heads.set_draft_vocab([3, 1, 30])
+    model.save(path)
+    assert MTPModel.load(path).heads.draft_vocab.tolist() == [1, 3, 30]
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["draft_vocab"] = [1, 99]
+    torch.save(ckpt, tmp_path / "bad_vocab.pt")
+    with pytest.raises(ValueError, match="bad_vocab.pt.*draft_vocab"):
+        MTPModel.load(tmp_path / "bad_vocab.pt")
 
 
 def test_half_precision_round_trip(tmp_path):

@@ -228,6 +228,8 @@ def test_cli_train_then_sample(tmp_path, capsys, monkeypatch):
             "1",
             "--no-progress",
             "--half",
+            "--draft-vocab",
+            "5",
             "--out",
             str(out),
         ]
@@ -235,6 +237,7 @@ def test_cli_train_then_sample(tmp_path, capsys, monkeypatch):
     assert rc == 0 and out.exists()
     ck = load_checkpoint(out)
     assert ck.model.rank == 2 and ck.metrics["steps"] == 4 and "joint_nll" in ck.metrics["val"]
+    assert ck.model.heads.draft_vocab.numel() == 5  # the 5 most frequent training tokens
     assert ck.extra["command"].startswith("python -m cptoy train --corpus hmm --max-bytes 4000")
     rc = main(
         [
@@ -247,6 +250,8 @@ def test_cli_train_then_sample(tmp_path, capsys, monkeypatch):
             "5",
             "--strategy",
             "self-spec",
+            "--routing",
+            "expert",
             "--temperature",
             "0",
         ]
