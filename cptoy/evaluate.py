@@ -228,9 +228,7 @@ def teacher_forced_acceptance(
 
     Returns a :class:`TFResult`.
     """
-    from cptoy.decoding import _draft_fn, _takes_n_draft
-
-    from cptoy.decoding import _check_routing
+    from cptoy.decoding import _check_routing, _draft_fn, _takes_n_draft
 
     t_start = time.perf_counter()
     k = _check_n_draft(model, n_draft)

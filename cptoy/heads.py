@@ -828,7 +828,7 @@ class CPHeads(nn.Module):
                              log_post, probs.gather(1, idx).view(-1).tolist(),
                              self._draft_vocab_list)
         # mixture routing, rank > 1: every expert's factors at positions 2..k+1
-        n, r, d = self.n_future, self.rank, self.d_model
+        r, d = self.rank, self.d_model
         e = self.expert_dim
         m = r if e is None else 1  # transforms per position
         W, b = self.transform_weight[m * d : (k + 1) * m * d], self.transform_bias[
