@@ -231,9 +231,15 @@ class _CPProposal:
     """
 
     def __init__(self, dist, drafts: list[int], vocab: torch.Tensor | None = None,
-                 V: int | None = None, at: list[float] | None = None):
+                 V: int | None = None, at: list[float] | None = None,
+                 probs: torch.Tensor | None = None):
         k = len(drafts)
         self.vocab, self.V = vocab, V
+        self.probs = probs  # (k, K): q is this one factor (given instead of dist), or None
+        if probs is not None:
+            self.log_gates = probs.new_zeros(k, 1)
+            self.at = at if at is not None else probs[torch.arange(k), drafts].tolist()
+            return
         self.lf = dist.log_factors[:k]  # (k, r, K)
         if dist.rank == 1:  # one expert (rank-1 heads or one-expert routing): q = its factors
             self.log_gates = self.lf.new_zeros(k, 1)
@@ -256,9 +262,13 @@ class _CPProposal:
         return out
 
     def row(self, j: int) -> torch.Tensor:
+        if self.probs is not None:
+            return self._full(self.probs[j])
         return self._full(torch.logsumexp(self.log_gates[j].unsqueeze(-1) + self.lf[j], dim=0).exp())
 
     def rows(self) -> torch.Tensor:
+        if self.probs is not None:
+            return self._full(self.probs[: len(self.at)])
         return self._full(torch.logsumexp(self.log_gates.unsqueeze(-1) + self.lf, dim=1).exp())
 
 
@@ -356,7 +366,11 @@ def _cp_drafts(draft, takes_k, h_last, x1, k, temperature, gen, device, record,
         if temperature == 0 and not record:
             return drafts, None, step.expert, {}
         vocab = step.vocab.cpu() if step.vocab is not None else None
-        q = _CPProposal(step.dist, step.index, vocab, heads.vocab_size, step.q_at)
+        if step.probs is not None:  # q is one factor: its probabilities are at hand
+            q = _CPProposal(None, step.index, vocab, heads.vocab_size, step.q_at,
+                            step.probs.cpu())
+        else:
+            q = _CPProposal(step.mixture.to("cpu"), step.index, vocab, heads.vocab_size)
         extra = {}
         if record:
             r = heads.rank

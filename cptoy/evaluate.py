@@ -524,14 +524,16 @@ class BenchRow:
     generations: list = field(default_factory=list, repr=False)  # the Generation objects
 
 
-def _run(model, strategy, prompt, max_new, T, seed, n_draft, lookup_ngram, eos_id):
+def _run(model, strategy, prompt, max_new, T, seed, n_draft, lookup_ngram, eos_id,
+         routing="mixture"):
     from cptoy.decoding import generate
 
     if strategy == "heads-only":
         return heads_only_generate(model, prompt, max_new, T, seed=seed, n_draft=n_draft)
     return generate(model, prompt, max_new, temperature=T, strategy=strategy, seed=seed,
                     eos_id=eos_id, n_draft=None if strategy == "ar" else n_draft,
-                    lookup_ngram=lookup_ngram)
+                    lookup_ngram=lookup_ngram,
+                    routing=routing if strategy == "self-spec" else "mixture")
 
 
 @dataclass
@@ -542,6 +544,7 @@ class Method:
     model: object  # MTPModel (a bare backbone for "ar" / "lookup")
     strategy: str  # "ar", "self-spec", "lookup" or "heads-only"
     n_draft: int | None = None  # drafts per step (None: the model's n_future - 1)
+    routing: str = "mixture"  # self-spec drafter: "mixture" or "expert" (cptoy.decoding)
 
 
 def _check_method(m: Method) -> Method:
@@ -557,7 +560,10 @@ def _check_method(m: Method) -> Method:
         check_positive_int(k, "n_draft")
     else:
         k = 0
-    return Method(m.name, m.model, m.strategy, k)
+    from cptoy.decoding import _check_routing
+
+    _check_routing(m.routing, m.model if m.strategy == "self-spec" else None)
+    return Method(m.name, m.model, m.strategy, k, m.routing)
 
 
 def benchmark_methods(
@@ -591,7 +597,7 @@ def benchmark_methods(
     def run(m, prompt, s):
         return _run(m.model, m.strategy, prompt, max_new_tokens if s is not None else
                     min(8, max_new_tokens), T, seed if s is None else s, m.n_draft,
-                    lookup_ngram, eos_id)
+                    lookup_ngram, eos_id, m.routing)
 
     if warmup:
         for m in methods:

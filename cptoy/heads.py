@@ -36,6 +36,16 @@ and at V = 4096 even rank-1 heads on every position cost more than the backbone.
 training-cost targets use ``expert_dim=16`` and ``MTPModel(head_positions=...)`` (the head loss
 on a seeded random subset of positions, e.g. 128 of the 2048 in a 16 x 128 batch).
 
+Drafting cost (decoding, issue 8). One self-spec step needs the posterior gate after x_1 (position
+1 of every expert) and the factors of positions 2..k+1: r (k + 1) transforms and unembeddings over
+V. Two lossless cuts: a drafting shortlist (:meth:`CPHeads.set_draft_vocab`,
+:func:`frequency_shortlist`: every drafted factor is a softmax over K frequent tokens, K/V of the
+unembedding) and one-expert routing (``draft(..., experts=)``: one expert drawn from the posterior
+drafts every position and is the q of the test). :meth:`CPHeads.draft_step` is the lean
+one-sequence path ``cptoy.decoding.generate`` uses; at toy size a step is bound by per-operation
+overhead and by reading weights the backbone's forward pushed out of the cache, so it reads
+weights laid out per expert and runs few tensor operations. Measured in ``bench/speculative.py``.
+
 Both are "identity-initialised": the transforms start at h plus a small random perturbation
 (N(0, 0.02) weights), so at initialisation every factor is close to the backbone's own
 next-token distribution; the perturbation breaks the symmetry between experts.
@@ -212,12 +222,20 @@ class DraftStep:
 
     index: list[int]  # (k,) drafted indices d_2..d_{k+1}
     expert: int | None  # the expert drawn (T > 0) or the posterior's argmax (T = 0); None: rank 1
-    dist: CPDist  # the drafts' q over positions 2..k+1: float64, batch (), over K (or V)
     vocab: torch.Tensor | None  # (K,) shortlist token ids, or None
     log_posterior: torch.Tensor | None  # (r,) float64 gate after x_1 (None for rank 1)
+    mixture: CPDist | None = None  # q with mixture routing at rank > 1: float64, batch (), n = k
+    probs: torch.Tensor | None = None  # (k, K) float64 q when it is one factor (rank 1 / expert)
     q_at: list[float] | None = None  # q(d_j) of each draft when q is one factor (T > 0)
-
     vocab_list: list[int] | None = None  # the shortlist as a Python list (fast lookups)
+
+    @property
+    def dist(self) -> CPDist:
+        """The drafts' q over positions 2..k+1 as a CPDist (float64, batch (), over K or V)."""
+        if self.mixture is not None:
+            return self.mixture
+        lf = self.probs.log().unsqueeze(1)  # (k, 1, K)
+        return CPDist(lf.new_zeros(1), lf)
 
     @property
     def tokens(self) -> list[int]:
@@ -816,17 +834,14 @@ class CPHeads(nn.Module):
                           int(_sample_index(log_post.exp()[None], generator)))
         if self.rank == 1 or routing == "expert":
             z = self._step_logits(hidden, tb, expert or 0, 1, k + 1).double()  # (k, K)
-            lf = torch.log_softmax(z / t if t != 1.0 else z, dim=-1)  # (k, K)
+            probs = torch.softmax(z / t if t != 1.0 else z, dim=-1)  # (k, K) float64
             if temperature == 0:
-                return DraftStep(z.argmax(-1).tolist(), expert, CPDist(lf.new_zeros(1),
-                                 lf.unsqueeze(1)), self._draft_vocab, log_post,
-                                 vocab_list=self._draft_vocab_list)
-            probs = lf.exp()
+                return DraftStep(z.argmax(-1).tolist(), expert, self._draft_vocab, log_post,
+                                 probs=probs, vocab_list=self._draft_vocab_list)
             idx = _sample_index(probs, generator)  # (k, 1)
-            return DraftStep(idx.view(-1).tolist(), expert,
-                             CPDist(lf.new_zeros(1), lf.unsqueeze(1)), self._draft_vocab,
-                             log_post, probs.gather(1, idx).view(-1).tolist(),
-                             self._draft_vocab_list)
+            return DraftStep(idx.view(-1).tolist(), expert, self._draft_vocab, log_post,
+                             probs=probs, q_at=probs.gather(1, idx).view(-1).tolist(),
+                             vocab_list=self._draft_vocab_list)
         # mixture routing, rank > 1: every expert's factors at positions 2..k+1
         r, d = self.rank, self.d_model
         e = self.expert_dim
@@ -846,8 +861,8 @@ class CPHeads(nn.Module):
             expert = int(log_post.argmax())
         else:
             idx = _sample_index(lf[:, expert].exp(), generator).view(-1)
-        return DraftStep(idx.tolist(), expert, CPDist(log_post, lf), self._draft_vocab, log_post,
-                         vocab_list=self._draft_vocab_list)
+        return DraftStep(idx.tolist(), expert, self._draft_vocab, log_post,
+                         mixture=CPDist(log_post, lf), vocab_list=self._draft_vocab_list)
 
     def _check_experts(self, experts, Bsz: int) -> torch.Tensor:
         if not isinstance(experts, torch.Tensor) or experts.is_floating_point() or \

@@ -529,8 +529,6 @@ def test_cheap_drafting_greedy_equality_and_records():
 def test_cheap_drafting_test_has_power(monkeypatch):
     """Negative control: one-expert drafts tested against a q they were not drawn from (the
     uniform distribution) are caught by the same goodness-of-fit test."""
-    from cptoy.cp import CPDist
-
     model = _sampling_mtp()
     prompt, m, T = [0, 3, 1], 4, 0.9
     _attach_exact(model, prompt, m, T)
@@ -540,8 +538,7 @@ def test_cheap_drafting_test_has_power(monkeypatch):
     def wrong_q(hidden, x1, k, temperature, generator=None, routing="mixture"):
         st = real(hidden, x1, k, temperature, generator, "expert")
         V = heads.vocab_size
-        st.dist = CPDist(torch.zeros(1, dtype=torch.float64),
-                         torch.full((k, 1, V), -math.log(V), dtype=torch.float64))
+        st.probs = torch.full((k, V), 1.0 / V, dtype=torch.float64)
         st.q_at = [1.0 / V] * k
         return st
 
