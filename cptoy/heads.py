@@ -831,7 +831,7 @@ class CPHeads(nn.Module):
             log_post = self._step_posterior(hidden, tb, x1, t)  # (r,) float64
             if routing == "expert" or temperature > 0:
                 expert = (int(log_post.argmax()) if temperature == 0 else
-                          int(_sample_index(log_post.exp()[None], generator)))
+                          int(_sample_index(torch.softmax(log_post, -1)[None], generator)))
         if self.rank == 1 or routing == "expert":
             z = self._step_logits(hidden, tb, expert or 0, 1, k + 1).double()  # (k, K)
             probs = torch.softmax(z / t if t != 1.0 else z, dim=-1)  # (k, K) float64
@@ -876,15 +876,16 @@ class CPHeads(nn.Module):
 
 
 def _sample_index(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """One draw per row of ``probs`` (m, K) (float64, nonnegative): indices (m, 1).
+    """One draw per row of ``probs`` (m, K) (float64 rows that sum to 1): indices (m, 1).
 
-    Inverse CDF with ``right=True``, so an index with zero mass is never returned; u * total
-    rounding up to the total (probability ~1e-16) falls back to the last index with mass.
-    A few tensor operations, unlike ``torch.multinomial``'s checks (60 us a call here)."""
+    Inverse CDF with ``right=True``, so an index with zero mass is never returned; a uniform
+    at or above a row's float sum (which can fall short of 1 by ~1e-16) goes to the row's last
+    index with mass. Four tensor operations, unlike ``torch.multinomial``'s checks (60 us a
+    call here)."""
     c = probs.cumsum(-1)  # (m, K)
-    u = torch.rand(probs.shape[0], 1, dtype=probs.dtype, generator=generator) * c[:, -1:]
+    u = torch.rand(probs.shape[0], 1, dtype=probs.dtype, generator=generator)
     idx = torch.searchsorted(c, u, right=True)  # (m, 1)
-    if int(idx.max()) >= probs.shape[-1]:
+    if max(idx.view(-1).tolist()) >= probs.shape[-1]:  # probability ~1e-16
         last = (probs > 0).cumsum(-1).argmax(-1, keepdim=True)  # last index with mass
         idx = torch.minimum(idx, last)
     return idx
