@@ -267,7 +267,8 @@ def wall_table(corpus, drafters, base, prompts, tok, T, cfg) -> tuple[str, list]
 
 def _met(value: float, target: float, higher: bool = True) -> str:
     ok = value >= target if higher else value <= target
-    return "met" if ok else f"missed by {abs(target - value):.2f}"
+    gap = abs(target - value)
+    return "met" if ok else f"missed by {gap:.2f}" if gap >= 0.005 else f"missed by {gap:.3f}"
 
 
 def targets(tf_best: dict, walls: dict, costs: dict, top1: dict, cfg) -> list[str]:
