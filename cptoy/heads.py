@@ -883,7 +883,9 @@ def _sample_index(probs: torch.Tensor, generator: torch.Generator | None) -> tor
     index with mass. Four tensor operations, unlike ``torch.multinomial``'s checks (60 us a
     call here)."""
     c = probs.cumsum(-1)  # (m, K)
-    u = torch.rand(probs.shape[0], 1, dtype=probs.dtype, generator=generator)
+    u = torch.rand(probs.shape[0], 1, dtype=probs.dtype, generator=generator)  # the decoder's
+    if u.device != c.device:  # CPU generator, also when the heads run on a GPU
+        u = u.to(c.device)
     idx = torch.searchsorted(c, u, right=True)  # (m, 1)
     if max(idx.view(-1).tolist()) >= probs.shape[-1]:  # probability ~1e-16
         last = (probs > 0).cumsum(-1).argmax(-1, keepdim=True)  # last index with mass
