@@ -318,7 +318,6 @@ class CPHeads(nn.Module):
         # the state dict (MTPModel.save stores it beside the weights)
         self.register_buffer("_draft_vocab", None, persistent=False)
         self._draft_vocab_list: list[int] | None = None
-        self._draft_rows = None  # cached (key, (U_S, B_S)) for the shortlist
         if self.gate is not None:
             nn.init.zeros_(self.gate.weight)
             nn.init.zeros_(self.gate.bias)
@@ -537,10 +536,10 @@ class CPHeads(nn.Module):
         lossless; only tokens outside the shortlist can no longer be drafted. Training and
         :meth:`forward` are unaffected. See :func:`frequency_shortlist`.
         """
+        self._tables = None  # drafting tables are rebuilt for the new shortlist
         if token_ids is None:
             self._draft_vocab = None
             self._draft_vocab_list = None
-            self._draft_rows = None
             return self
         if isinstance(token_ids, (list, tuple)):
             if any(isinstance(t, bool) or not isinstance(t, int) for t in token_ids):
@@ -556,29 +555,16 @@ class CPHeads(nn.Module):
         ids = torch.unique(ids)  # sorted
         self._draft_vocab = ids.to(self.unembedding.device)
         self._draft_vocab_list = ids.tolist()
-        self._draft_rows = None
         return self
-
-    def _draft_matrices(self):
-        """(U_S (K, d), B_S (K, e) or None) for the shortlist, cached until U or B changes."""
-        U = self.unembedding
-        B = self.expert_out if self.expert_dim is not None else None
-        key = (U.data_ptr(), U._version, None if B is None else (B.data_ptr(), B._version))
-        if getattr(self, "_draft_rows", None) is None or self._draft_rows[0] != key:
-            S = self._draft_vocab
-            rows = (U.detach().index_select(0, S),
-                    None if B is None else B.detach().index_select(0, S))
-            self._draft_rows = (key, rows)
-        return self._draft_rows[1]
 
     def _draft_logits(self, X: torch.Tensor, C: torch.Tensor | None) -> torch.Tensor:
         """Like :meth:`_logits`, but over the shortlist when one is set: (..., K or V)."""
         if self._draft_vocab is None:
             return self._logits(X, C)
-        U_S, B_S = self._draft_matrices()
-        z = X @ U_S.t().to(X.dtype)
+        tb = self._step_tables()  # the shortlist's rows of U (and B), transposed, cached
+        z = X @ tb["UT"].to(X.dtype)
         if C is not None:
-            z = z + C @ B_S.t().to(C.dtype)
+            z = z + C @ tb["BT"].to(C.dtype)
         return z.float()
 
     def _to_vocab(self, lf: torch.Tensor, compact: bool = False) -> torch.Tensor:

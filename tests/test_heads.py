@@ -521,3 +521,27 @@ def test_draft_step_samples_from_the_factor():
     for _ in range(4000):
         counts[heads.draft_step(h, 3, 1, 0.9, g).index[0]] += 1
     assert chisquare(counts.numpy(), (4000 * probs).numpy()).pvalue > 1e-3
+
+
+def test_draft_step_follows_parameter_and_shortlist_changes():
+    """draft_step's cached weight layout is rebuilt when a parameter or the shortlist changes."""
+    heads = _perturbed(r=3)
+    heads.set_draft_vocab([0, 1, 3, 5, 8])
+    h = torch.randn(1, 8)
+
+    def check():
+        st = heads.draft_step(h, 2, 2, 0.0, None, "expert")
+        ref = heads.draft(h, torch.tensor([2]), 1.0, n_draft=2, compact=True)[0]
+        torch.testing.assert_close(st.dist.log_factors[:, 0],
+                                   ref.log_factors[:, st.expert].double(), **TOL)
+        return st
+
+    before = check()
+    with torch.no_grad():  # an optimizer step would do this in place
+        heads.transform_weight.add_(0.5 * torch.randn_like(heads.transform_weight))
+        heads.unembedding.mul_(1.5)
+    after = check()
+    assert not torch.allclose(before.dist.log_factors, after.dist.log_factors)
+    heads.set_draft_vocab([4, 6])
+    st = check()
+    assert set(st.tokens) <= {4, 6} and st.dist.log_factors.shape[-1] == 2
