@@ -1145,6 +1145,7 @@ class SpeculativeStepper:
     step_slider: object  # ipywidgets.IntSlider over the steps
     temperature_slider: object  # ipywidgets.FloatSlider; a change re-decodes
     seed_box: object  # ipywidgets.IntText; a change re-decodes
+    routing_dropdown: object  # ipywidgets.Dropdown: q = CP mixture or one expert (rank > 1)
     message: object  # ipywidgets.HTML status line
     text: object  # ipywidgets.HTML: context and this step's tokens
     figures: dict  # "gate": prior vs posterior gate; "pq": p and q at each drafted position
@@ -1174,7 +1175,8 @@ class SpeculativeStepper:
         seed = self.seed_box.value
         g = generate(self.model, self.prompt, self.settings["max_new_tokens"],
                      temperature=float(self.temperature_slider.value), strategy="self-spec",
-                     seed=int(seed), n_draft=self.settings["n_draft"], record_steps=True)
+                     seed=int(seed), n_draft=self.settings["n_draft"], record_steps=True,
+                     routing=self.routing_dropdown.value)
         self.generation = g
         self._busy = True
         try:
@@ -1248,9 +1250,11 @@ class SpeculativeStepper:
             fg.data[2].x = [st.expert] if st.expert is not None and r else []
             fg.data[2].y = [post[st.expert] + 0.06] if st.expert is not None and r else []
             fg.layout.xaxis.tickvals = experts
+            one = self.routing_dropdown.value == "expert" and r > 1
             fg.layout.title.text = (f"gate over {r} experts: before / after x₁ = "
                                     f"'{_tok_label(tok, st.x1)}'"
-                                    + (" (rank 1: nothing to condition)" if r == 1 else ""))
+                                    + (" (rank 1: nothing to condition)" if r == 1 else "")
+                                    + (f"; q = expert {st.expert}'s factors" if one else ""))
 
         # --- p vs q at each drafted position
         fq = self.figures["pq"]
@@ -1309,6 +1313,7 @@ def speculative_stepper(
     max_new_tokens: int = 32,
     n_draft: int | None = None,
     top: int = 8,
+    routing: str = "mixture",
 ) -> SpeculativeStepper:
     """Step through self-speculative decoding one verification forward at a time.
 
@@ -1318,10 +1323,14 @@ def speculative_stepper(
     weights before and after conditioning on x_1 (the posterior gate; the sampled expert is
     marked); and, at every drafted position, the backbone's p and the drafter's q over the
     ``top`` most likely tokens (the draft outlined) with the acceptance probability
-    ``min(1, p/q)`` and the decision. Buttons and a slider move between steps; temperature and
-    seed re-decode. At temperature 0, p and q are shown untempered and acceptance is
-    ``d == argmax p``.
+    ``min(1, p/q)`` and the decision. Buttons and a slider move between steps; temperature,
+    seed and the drafter's q re-decode: ``routing`` "mixture" (q = the CP's mixture conditional)
+    or "expert" (one expert drawn from the posterior drafts and is q; see
+    ``cptoy.decoding``); the dropdown is disabled for rank 1, where both are the same. At
+    temperature 0, p and q are shown untempered and acceptance is ``d == argmax p``.
     """
+    from cptoy.decoding import _check_routing
+
     if not hasattr(model, "backbone") or getattr(model, "n_future", 1) < 2:
         raise TypeError("model must be an MTPModel with n_future >= 2")
     tokenizer = _check_tokenizer(tokenizer)
@@ -1338,6 +1347,7 @@ def speculative_stepper(
     k = kmax if n_draft is None else check_positive_int(n_draft, "n_draft")
     if k > kmax:
         raise ValueError(f"n_draft must be in [1, {kmax}], got {n_draft}")
+    _check_routing(routing, model)
 
     import ipywidgets as w
     import plotly.graph_objects as go
@@ -1354,6 +1364,10 @@ def speculative_stepper(
                          layout=w.Layout(width="380px"))
     seed_box = w.IntText(value=seed, description="seed", style=sty,
                          layout=w.Layout(width="200px"))
+    routing_dd = w.Dropdown(options=[("CP mixture", "mixture"), ("one expert", "expert")],
+                            value=routing, description="drafter q", style=sty,
+                            disabled=getattr(model, "rank", 1) == 1,
+                            layout=w.Layout(width="300px"))
     message = w.HTML(_message_html("decoding…"))
     text = w.HTML()
 
@@ -1384,11 +1398,12 @@ def speculative_stepper(
     fig.update_annotations(font_size=FONT_SIZE - 1)
     pq_fig = _figure_widget(fig)
 
-    panel = w.VBox([w.HBox([prev_b, next_b, step_sl]), w.HBox([temp, seed_box]), message, text,
-                    gate_fig, pq_fig])
+    panel = w.VBox([w.HBox([prev_b, next_b, step_sl]), w.HBox([temp, seed_box, routing_dd]),
+                    message, text, gate_fig, pq_fig])
     sp = SpeculativeStepper(
         widget=panel, prev_button=prev_b, next_button=next_b, step_slider=step_sl,
-        temperature_slider=temp, seed_box=seed_box, message=message, text=text,
+        temperature_slider=temp, seed_box=seed_box, routing_dropdown=routing_dd,
+        message=message, text=text,
         figures={"gate": gate_fig, "pq": pq_fig}, model=model, tokenizer=tokenizer,
         prompt=prompt, settings=dict(max_new_tokens=max_new_tokens, n_draft=k, top=top),
     )
@@ -1397,5 +1412,6 @@ def speculative_stepper(
     step_sl.observe(sp.show, names="value")
     temp.observe(sp.regenerate, names="value")
     seed_box.observe(sp.regenerate, names="value")
+    routing_dd.observe(sp.regenerate, names="value")
     sp.regenerate()
     return sp

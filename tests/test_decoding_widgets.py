@@ -187,3 +187,24 @@ def test_stepper_errors(models, tok, prompts, monkeypatch):
     sp.settings["max_new_tokens"] = 1  # no room to draft: a message, not a crash
     sp.seed_box.value = 4
     assert "no verification steps" in sp.status
+
+
+def test_stepper_routing_dropdown_switches_q_to_one_expert(models, tok, prompts):
+    sp = speculative_stepper(models["rank 3"], tok, prompts[0], temperature=1.0, seed=0,
+                             max_new_tokens=20)
+    assert not sp.routing_dropdown.disabled and sp.routing_dropdown.value == "mixture"
+    mixed = [st.gates for st in sp.steps if st.drafts]
+    assert any(max(g[0]) < 1.0 for g in mixed)  # the mixture's gate weighs several experts
+    sp.routing_dropdown.value = "expert"
+    for st in (st for st in sp.steps if st.drafts):  # q = the drawn expert's factor: one-hot
+        assert all(g[st.expert] == 1.0 and sum(g) == 1.0 for g in st.gates)
+    assert "q = expert" in sp.figures["gate"].layout.title.text
+    from cptoy.decoding import generate
+
+    ref = generate(models["rank 3"], prompts[0], 20, temperature=1.0, strategy="self-spec",
+                   seed=0, routing="expert", record_steps=True)
+    assert sp.generation.tokens == ref.tokens
+    assert speculative_stepper(models["rank 1"], tok, prompts[1],
+                               max_new_tokens=12).routing_dropdown.disabled
+    with pytest.raises(ValueError, match="routing"):
+        speculative_stepper(models["rank 3"], tok, prompts[0], routing="top-2")
