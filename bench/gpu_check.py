@@ -7,8 +7,10 @@ corpus (Python standard library) with a byte-level BPE of GPT-2's vocabulary siz
 trains with next-token loss under bf16 autocast for ~60% of the budget, then CP heads of rank 1
 and rank R on it, frozen, with the distillation objective (``cptoy.distill``), ~20% each. Then
 greedy decoding (float32, batch 1) autoregressive versus self-speculative for both ranks, on the
-same prompts; the script checks that self-spec output equals autoregressive output token for
-token, and prints a markdown table. Default budget 4 minutes of training: the whole run fits in
+same prompts, each rank drafting over the whole vocabulary and over a frequency shortlist of the
+training tokens (``CPHeads.set_draft_vocab``), rank R also with one-expert routing (the cheap
+drafters of issue 8); the script checks that every self-spec output equals autoregressive
+output token for token, and prints a markdown table. Default budget 4 minutes of training: the whole run fits in
 8 minutes on one H100 including start-up.
 
 On a CPU it runs a scaled-down preset (``toy``: 4 layers, 128 wide, BPE vocabulary 4096, 2 MB of
@@ -34,7 +36,7 @@ import torch.nn.functional as F  # noqa: E402
 from cptoy.data import BPETokenizer, encode_corpus, load_corpus  # noqa: E402
 from cptoy.decoding import generate  # noqa: E402
 from cptoy.distill import distill_loss_fn  # noqa: E402
-from cptoy.heads import MTPModel  # noqa: E402
+from cptoy.heads import MTPModel, frequency_shortlist  # noqa: E402
 from cptoy.model import GPTConfig  # noqa: E402
 from cptoy.train import TrainConfig, train  # noqa: E402
 
@@ -44,13 +46,13 @@ SETTINGS = {
         preset="gpt2", overrides={}, max_bytes=None, bpe_vocab=50257, bpe_bytes=4_000_000,
         minutes=4.0, backbone_batch=32, backbone_block=256, backbone_lr=1e-3,
         head_batch=16, head_block=256, head_positions=256, head_lr=1e-3,
-        prompts=8, prompt_tokens=32, new_tokens=128,
+        prompts=8, prompt_tokens=32, new_tokens=128, shortlist=4096,
     ),
     "cpu": dict(
         preset="toy", overrides={}, max_bytes=2_000_000, bpe_vocab=4096, bpe_bytes=2_000_000,
         minutes=0.7, backbone_batch=16, backbone_block=64, backbone_lr=3e-3,
         head_batch=8, head_block=64, head_positions=64, head_lr=3e-3,
-        prompts=3, prompt_tokens=24, new_tokens=32,
+        prompts=3, prompt_tokens=24, new_tokens=32, shortlist=512,
     ),
 }
 
@@ -80,14 +82,17 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def decode_all(model, prompts, strategy: str, new_tokens: int, device) -> dict:
+def decode_all(model, prompts, strategy: str, new_tokens: int, device,
+               routing: str = "mixture") -> dict:
     """Greedy decoding of every prompt (one untimed warm-up first); totals over prompts."""
-    generate(model, prompts[0], min(8, new_tokens), temperature=0.0, strategy=strategy, seed=0)
+    kw = dict(routing=routing) if strategy == "self-spec" else {}
+    generate(model, prompts[0], min(8, new_tokens), temperature=0.0, strategy=strategy, seed=0,
+             **kw)
     outs, tokens, forwards, secs = [], 0, 0, 0.0
     for i, p in enumerate(prompts):
         sync(device)
         t = time.perf_counter()
-        g = generate(model, p, new_tokens, temperature=0.0, strategy=strategy, seed=i)
+        g = generate(model, p, new_tokens, temperature=0.0, strategy=strategy, seed=i, **kw)
         sync(device)
         secs += time.perf_counter() - t
         outs.append(g.tokens)
@@ -185,11 +190,19 @@ def main(argv=None) -> int:
     ar = decode_all(models[1], prompts, "ar", new_tokens, device)
     rows = [("autoregressive", ar, None)]
     ok = True
-    for r, m in models.items():
-        res = decode_all(m, prompts, "self-spec", new_tokens, device)
+    K = min(S["shortlist"], cfg.vocab_size)
+    shortlist = frequency_shortlist(train_ids, cfg.vocab_size, K)
+    drafters = []
+    for r in models:
+        drafters += [(r, None, "mixture", ""), (r, shortlist, "mixture", f", shortlist {K}")]
+        if r > 1:
+            drafters.append((r, shortlist, "expert", f", shortlist {K}, one expert"))
+    for r, vocab, routing, label in drafters:
+        models[r].heads.set_draft_vocab(vocab)
+        res = decode_all(models[r], prompts, "self-spec", new_tokens, device, routing)
         eq = sum(a == b for a, b in zip(ar["outs"], res["outs"], strict=True))
         ok = ok and eq == len(prompts)
-        rows.append((f"self-spec rank {r}", res, eq))
+        rows.append((f"self-spec rank {r}{label}", res, eq))
     log("decoding done")
 
     scale = "full gpt2 preset" if S["preset"] == "gpt2" else f"SCALED-DOWN '{S['preset']}' preset"

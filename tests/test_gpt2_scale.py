@@ -163,4 +163,6 @@ def test_gpu_check_script_cpu_smoke(capsys):
     out = capsys.readouterr().out
     assert rc == 0
     assert "SCALED-DOWN" in out and "| self-spec rank 8 |" in out
+    assert "| self-spec rank 1, shortlist 512 |" in out
+    assert "| self-spec rank 8, shortlist 512, one expert |" in out
     assert "greedy equality PASSED" in out
