@@ -35,6 +35,7 @@ bench: $(STAMP)
 	$(PY) bench/em_vs_hals.py
 	$(PY) bench/train_overhead.py
 	$(PY) bench/speculative.py
+	$(PY) bench/first_token_heads.py
 	$(PY) bench/heads_vs_rank.py
 	$(PY) bench/beyond_cp.py
 
