@@ -366,9 +366,9 @@ def _cp_drafts(draft, takes_k, h_last, x1, k, temperature, gen, device, record,
         if temperature == 0 and not record:
             return drafts, None, step.expert, {}
         vocab = step.vocab.cpu() if step.vocab is not None else None
-        if step.probs is not None:  # q is one factor: its probabilities are at hand
+        if step.mixture is None:  # q is one factor: its probabilities are at hand
             q = _CPProposal(None, step.index, vocab, heads.vocab_size, step.q_at,
-                            step.probs.cpu())
+                            step.factor_probs().cpu())
         else:
             q = _CPProposal(step.mixture.to("cpu"), step.index, vocab, heads.vocab_size)
         extra = {}

@@ -226,15 +226,22 @@ class DraftStep:
     log_posterior: torch.Tensor | None  # (r,) float64 gate after x_1 (None for rank 1)
     mixture: CPDist | None = None  # q with mixture routing at rank > 1: float64, batch (), n = k
     probs: torch.Tensor | None = None  # (k, K) float64 q when it is one factor (rank 1 / expert)
+    logits: torch.Tensor | None = None  # (k, K) its logits instead, when probs were not needed
     q_at: list[float] | None = None  # q(d_j) of each draft when q is one factor (T > 0)
     vocab_list: list[int] | None = None  # the shortlist as a Python list (fast lookups)
+
+    def factor_probs(self) -> torch.Tensor:
+        """(k, K) float64: q when it is one factor (computed from the logits if need be)."""
+        if self.probs is None:
+            self.probs = torch.softmax(self.logits, dim=-1, dtype=torch.float64)
+        return self.probs
 
     @property
     def dist(self) -> CPDist:
         """The drafts' q over positions 2..k+1 as a CPDist (float64, batch (), over K or V)."""
         if self.mixture is not None:
             return self.mixture
-        lf = self.probs.log().unsqueeze(1)  # (k, 1, K)
+        lf = self.factor_probs().log().unsqueeze(1)  # (k, 1, K)
         return CPDist(lf.new_zeros(1), lf)
 
     @property
@@ -590,23 +597,6 @@ class CPHeads(nn.Module):
             raise ValueError(f"n_draft must be an int in [1, {self.n_future - 1}], got {n_draft}")
         return hidden, first, float(temperature), k
 
-    def _position1_log_q(self, z1: torch.Tensor, X1, C1, first: torch.Tensor) -> torch.Tensor:
-        """log q_{1,a}(x_1) (B, r) from position-1 draft logits z1 (B, r, K or V), tempered.
-
-        With a shortlist the normaliser runs over the shortlist and the logit of x_1 (which the
-        backbone may have drawn from outside it) is one dot product per expert."""
-        Bsz = z1.shape[0]
-        if self._draft_vocab is None:
-            idx = first.view(Bsz, 1, 1).expand(Bsz, z1.shape[1], 1)
-            zx = z1.gather(-1, idx).squeeze(-1)  # (B, r)
-        else:
-            u = self.unembedding.detach()[first]  # (B, d)
-            zx = (X1 * u[:, None].to(X1.dtype)).sum(-1).float()  # (B, m)
-            if C1 is not None:
-                zx = zx + (C1 * self.expert_out.detach()[first][:, None].to(C1.dtype)).sum(-1)
-            zx = zx.expand(Bsz, z1.shape[1])
-        return zx - torch.logsumexp(z1, dim=-1)
-
     def draft_posterior(self, hidden: torch.Tensor, first_tokens: torch.Tensor,
                         temperature: float) -> torch.Tensor:
         """log of the posterior gate after x_1: (B, r), from hidden (B, d) and x_1 (B,).
@@ -616,39 +606,84 @@ class CPHeads(nn.Module):
         computed (r unembeddings, over the shortlist when one is set).
         """
         hidden, first, T, _ = self._check_draft_args(hidden, first_tokens, temperature)
-        return self._posterior(hidden, first, T)
+        return self._posterior(hidden, first, T if T > 0 else 1.0)
 
-    def _posterior(self, hidden, first, T) -> torch.Tensor:
+    def _posterior(self, h: torch.Tensor, first, t: float) -> torch.Tensor:
+        """log posterior gate (B, r) after x_1 = ``first`` for h (B, d), tempered by t.
+
+        ``first``: (B,) int64, or an int for every row (one decode step: fewer operations).
+
+        ``log w_a(h) + z_{1,a}(x_1) / t - logsumexp(z_{1,a} / t)``, normalised over experts: the
+        position-1 transform of every expert, the normaliser over the shortlist when one is set,
+        and x_1's own logit as one dot product per expert (x_1 may lie outside the shortlist).
+        """
+        B, d = h.shape
         if self.rank == 1:
-            return hidden.new_zeros(hidden.shape[0], 1).float()
-        X1, C1 = self._features(hidden, 1)
-        z1 = self._draft_logits(X1, C1)[:, 0]  # (B, r, K or V)
-        if T > 0 and T != 1.0:
-            z1 = z1 / T
-            X1 = X1 / T
-            C1 = None if C1 is None else C1 / T
-        lq1 = self._position1_log_q(z1, X1[:, 0], None if C1 is None else C1[:, 0], first)
-        return torch.log_softmax(self.gate_log_probs(hidden) + lq1, dim=-1)
+            return h.new_zeros(B, 1).float()
+        tb = self._step_tables()
+        w = tb.get("pos1")
+        if w is None:  # position 1's weights and the gate, as views (cached: indexing is slow)
+            r, e = self.rank, self.expert_dim
+            m = r if e is None else 1
+            w = (self.transform_weight.detach()[: m * d], self.transform_bias.detach()[: m * d],
+                 self.gate.weight.detach(), self.gate.bias.detach())
+            if e is not None:
+                w += (self.expert_in_weight.detach()[: r * e],
+                      self.expert_in_bias.detach()[: r * e], self.expert_out.detach())
+            tb["pos1"] = w
+        def at_first(X, table):  # X (B, m, c) times row x_1 of table (V, c): (B, m)
+            if isinstance(first, int):
+                return X @ table[first]
+            return (X @ table[first][:, :, None]).squeeze(-1)
 
-    def _expert_features(self, h: torch.Tensor, experts: torch.Tensor, stop: int, start: int = 1):
-        """Features of ONE expert per row: h (B, d), experts (B,) -> X (B, k, 1, d), C or None.
+        X1 = h[:, None] + F.silu(F.linear(h, w[0], w[1])).view(B, -1, d)  # (B, r or 1, d)
+        z1 = X1 @ tb["UT"]  # (B, r or 1, K)
+        zx = at_first(X1, self.unembedding.detach())  # (B, r or 1)
+        if self.expert_dim is not None:
+            C1 = F.silu(F.linear(h, w[4], w[5])).view(B, self.rank, -1)  # (B, r, e)
+            z1 = z1 + C1 @ tb["BT"]  # (B, r, K)
+            zx = zx + at_first(C1, w[6])  # (B, r)
+        if t != 1.0:
+            z1, zx = z1 / t, zx / t
+        lq1 = zx - torch.logsumexp(z1, dim=-1)  # (B, r)
+        return torch.log_softmax(F.linear(h, w[2], w[3]) + lq1, dim=-1)
 
-        Only that expert's transforms (and expert codes) at positions start..stop-1 are applied."""
-        n, r, d = self.n_future, self.rank, self.d_model
-        k = stop - start
-        if self.expert_dim is None:
-            W = self.transform_weight.view(n, r, d, d)[start:stop][:, experts]  # (k, B, d, d)
-            b = self.transform_bias.view(n, r, d)[start:stop][:, experts]  # (k, B, d)
-            pre = torch.einsum("kbij,bj->bki", W, h) + b.transpose(0, 1)  # (B, k, d)
-            return (h[:, None] + F.silu(pre)).unsqueeze(2), None
-        W = self.transform_weight[start * d : stop * d]
-        bb = self.transform_bias[start * d : stop * d]
-        X = h.unsqueeze(-2).unsqueeze(-2) + F.silu(F.linear(h, W, bb)).view(-1, k, 1, d)
-        e = self.expert_dim
-        A = self.expert_in_weight.view(n, r, e, d)[start:stop][:, experts]  # (k, B, e, d)
-        c = self.expert_in_bias.view(n, r, e)[start:stop][:, experts]  # (k, B, e)
-        C = F.silu(torch.einsum("kbij,bj->bki", A, h) + c.transpose(0, 1)).unsqueeze(2)
-        return X, C  # (B, k, 1, d), (B, k, 1, e)
+    def _expert_logits(self, h: torch.Tensor, experts, start: int, stop: int) -> torch.Tensor:
+        """Logits (B, k, K) of ONE expert per row at positions start..stop-1, for h (B, d).
+
+        ``experts``: an int (every row, e.g. one decode step: cached weight views, one matmul
+        per weight) or a (B,) int64 tensor (a weight slice gathered per row). Over the
+        shortlist when one is set; rank 1 drafts through here with expert 0.
+        """
+        tb = self._step_tables()
+        d, e, k = self.d_model, self.expert_dim, stop - start
+        B = h.shape[0]
+        if isinstance(experts, int):
+            w = tb.get((experts, start, stop))
+            if w is None:  # the weight slices this step reads, as views (cached)
+                if e is None:
+                    w = (tb["W"][experts, start * d : stop * d],
+                         tb["b"][experts, start * d : stop * d])
+                else:
+                    w = (self.transform_weight.detach()[start * d : stop * d],
+                         self.transform_bias.detach()[start * d : stop * d],
+                         tb["A"][experts, start * e : stop * e],
+                         tb["c"][experts, start * e : stop * e])
+                tb[(experts, start, stop)] = w
+            X = F.silu(F.linear(h, w[0], w[1])).view(B, k, d) + h.unsqueeze(1)  # (B, k, d)
+            C = None if e is None else F.silu(F.linear(h, w[2], w[3])).view(B, k, e)
+        elif e is None:
+            W, b = tb["W"][experts, start * d : stop * d], tb["b"][experts, start * d : stop * d]
+            pre = (W @ h[:, :, None]).squeeze(-1) + b  # (B, k d)
+            X, C = h[:, None] + F.silu(pre).view(B, k, d), None
+        else:
+            W = self.transform_weight.detach()[start * d : stop * d]
+            X = h[:, None] + F.silu(F.linear(h, W, self.transform_bias.detach()[
+                start * d : stop * d])).view(B, k, d)
+            A, c = tb["A"][experts, start * e : stop * e], tb["c"][experts, start * e : stop * e]
+            C = F.silu((A @ h[:, :, None]).squeeze(-1) + c).view(B, k, e)
+        z = X @ tb["UT"]  # (B, k, K)
+        return z if C is None else z + C @ tb["BT"]
 
     def draft(
         self,
@@ -684,31 +719,17 @@ class CPHeads(nn.Module):
         """
         hidden, first, T, k = self._check_draft_args(hidden, first_tokens, temperature, n_draft)
         Bsz = hidden.shape[0]
-        if experts is not None:
-            experts = self._check_experts(experts, Bsz)
-            z = self._draft_logits(*self._expert_features(hidden, experts, k + 1))  # (B,k,1,K)
-            if T > 0 and T != 1.0:
-                z.mul_(1.0 / T)
+        t = T if T > 0 else 1.0
+        if experts is not None or self.rank == 1:  # one factor per position: a rank-1 CP
+            e = 0 if experts is None else self._check_experts(experts, Bsz)
+            z = self._expert_logits(hidden, e, 1, k + 1).float().unsqueeze(2)  # (B, k, 1, K)
             post = torch.zeros(Bsz, 1, dtype=z.dtype, device=z.device)
-            return CPDist(post, self._to_vocab(torch.log_softmax(z, dim=-1), compact))
-        if self.rank == 1:
-            # independent heads: the posterior is the prior, so position 1 is never needed
-            z = self._draft_logits(*self._features(hidden, k + 1, start=1))  # (B, k, 1, K)
-            if T > 0 and T != 1.0:
-                z.mul_(1.0 / T)
-            post = torch.zeros(Bsz, 1, dtype=z.dtype, device=z.device)
-            return CPDist(post, self._to_vocab(torch.log_softmax(z, dim=-1), compact))
-        X, C = self._features(hidden, k + 1)
-        z = self._draft_logits(X, C)  # (B, k+1, r, K or V), a fresh tensor
-        if T > 0 and T != 1.0:
-            z.mul_(1.0 / T)
-            X = X[:, :1] / T
-            C = None if C is None else C[:, :1] / T
-        # position 1: only log q_{1,a}(x_1) is needed, for the posterior
-        lq1 = self._position1_log_q(z[:, 0], X[:, 0], None if C is None else C[:, 0], first)
-        lf = self._to_vocab(torch.log_softmax(z[:, 1:], dim=-1), compact)  # (B, k, r, V or K)
-        post = torch.log_softmax(self.gate_log_probs(hidden) + lq1, dim=-1)  # (B, r)
-        return CPDist(post, lf)
+        else:
+            z = self._draft_logits(*self._features(hidden, k + 1, start=1))  # (B, k, r, K)
+            post = self._posterior(hidden, first, t)  # (B, r)
+        if t != 1.0:
+            z = z / t
+        return CPDist(post, self._to_vocab(torch.log_softmax(z, dim=-1), compact))
 
     def _step_tables(self) -> dict:
         """Weights laid out for :meth:`draft_step`, cached until a parameter changes.
@@ -747,49 +768,6 @@ class CPHeads(nn.Module):
         self._tables = (key, t)
         return t
 
-    def _step_logits(self, h, tb, expert: int, start: int, stop: int) -> torch.Tensor:
-        """Logits (k, K) of ONE expert at positions start..stop-1 for h (1, d)."""
-        key = (expert, start, stop)
-        w = tb.get(key)
-        if w is None:  # the weight slices this step reads, as views (cached: indexing is slow)
-            d, e = self.d_model, self.expert_dim
-            if e is None:
-                w = (tb["W"][expert, start * d : stop * d], tb["b"][expert, start * d : stop * d])
-            else:
-                w = (self.transform_weight.detach()[start * d : stop * d],
-                     self.transform_bias.detach()[start * d : stop * d],
-                     tb["A"][expert, start * e : stop * e], tb["c"][expert, start * e : stop * e])
-            tb[key] = w
-        k = stop - start
-        X = h + F.silu(F.linear(h, w[0], w[1])).view(k, -1)  # (k, d)
-        if self.expert_dim is None:
-            return X @ tb["UT"]
-        C = F.silu(F.linear(h, w[2], w[3])).view(k, -1)  # (k, e)
-        return torch.addmm(C @ tb["BT"], X, tb["UT"])
-
-    def _step_posterior(self, h, tb, x1: int, t: float) -> torch.Tensor:
-        """log posterior gate (r,) after x_1 for h (1, d): position 1 of every expert, tempered."""
-        w = tb.get("pos1")
-        if w is None:  # position 1's weights and the gate, as views (cached: indexing is slow)
-            r, d, e = self.rank, self.d_model, self.expert_dim
-            m = r if e is None else 1
-            w = (self.transform_weight.detach()[: m * d], self.transform_bias.detach()[: m * d],
-                 self.gate.weight.detach(), self.gate.bias.detach())
-            if e is not None:
-                w += (self.expert_in_weight.detach()[: r * e],
-                      self.expert_in_bias.detach()[: r * e], self.expert_out.detach())
-            tb["pos1"] = w
-        X1 = h + F.silu(F.linear(h, w[0], w[1])).view(-1, self.d_model)  # (r or 1, d)
-        u = self.unembedding.detach()[x1]  # (d,)
-        z1 = X1 @ tb["UT"]  # (r or 1, K)
-        zx = X1 @ u  # (r or 1,)
-        if self.expert_dim is not None:
-            C1 = F.silu(F.linear(h, w[4], w[5])).view(self.rank, -1)  # (r, e)
-            z1 = z1 + C1 @ tb["BT"]  # (r, K)
-            zx = zx + C1 @ w[6][x1]  # (r,)
-        lq1 = zx / t - torch.logsumexp(z1 / t if t != 1.0 else z1, dim=-1)  # (r,)
-        return torch.log_softmax(F.linear(h[0], w[2], w[3]) + lq1, dim=-1).double()
-
     def draft_step(self, hidden: torch.Tensor, x1: int, k: int, temperature: float,
                    generator: torch.Generator | None = None,
                    routing: str = "mixture") -> DraftStep:
@@ -810,37 +788,25 @@ class CPHeads(nn.Module):
         if torch.is_grad_enabled():  # (a decorator would cost ~10 us per decode step)
             with torch.no_grad():
                 return self.draft_step(hidden, x1, k, temperature, generator, routing)
-        tb = self._step_tables()
         t = temperature if temperature > 0 else 1.0
         log_post, expert = None, None
         if self.rank > 1:
-            log_post = self._step_posterior(hidden, tb, x1, t)  # (r,) float64
+            log_post = self._posterior(hidden, x1, t)[0].double()  # (r,)
             if routing == "expert" or temperature > 0:
                 expert = (int(log_post.argmax()) if temperature == 0 else
                           int(_sample_index(torch.softmax(log_post, -1)[None], generator)))
         if self.rank == 1 or routing == "expert":
-            z = self._step_logits(hidden, tb, expert or 0, 1, k + 1).double()  # (k, K)
-            probs = torch.softmax(z / t if t != 1.0 else z, dim=-1)  # (k, K) float64
-            if temperature == 0:
+            z = self._expert_logits(hidden, expert or 0, 1, k + 1)[0]  # (k, K)
+            if temperature == 0:  # q (the untempered factor) is only built if asked for
                 return DraftStep(z.argmax(-1).tolist(), expert, self._draft_vocab, log_post,
-                                 probs=probs, vocab_list=self._draft_vocab_list)
+                                 logits=z, vocab_list=self._draft_vocab_list)
+            probs = torch.softmax(z / t if t != 1.0 else z, dim=-1, dtype=torch.float64)
             idx = _sample_index(probs, generator)  # (k, 1)
             return DraftStep(idx.view(-1).tolist(), expert, self._draft_vocab, log_post,
                              probs=probs, q_at=probs.gather(1, idx).view(-1).tolist(),
                              vocab_list=self._draft_vocab_list)
         # mixture routing, rank > 1: every expert's factors at positions 2..k+1
-        r, d = self.rank, self.d_model
-        e = self.expert_dim
-        m = r if e is None else 1  # transforms per position
-        W, b = self.transform_weight[m * d : (k + 1) * m * d], self.transform_bias[
-            m * d : (k + 1) * m * d]
-        X = hidden + F.silu(F.linear(hidden, W, b)).view(k, m, d)  # (k, m, d)
-        z = X @ tb["UT"]  # (k, m, K)
-        if e is not None:
-            A = self.expert_in_weight[r * e : (k + 1) * r * e]
-            c = self.expert_in_bias[r * e : (k + 1) * r * e]
-            z = z + F.silu(F.linear(hidden, A, c)).view(k, r, e) @ tb["BT"]  # (k, r, K)
-        z = z.double()  # (k, r, K)
+        z = self._draft_logits(*self._features(hidden, k + 1, start=1))[0].double()  # (k,r,K)
         lf = torch.log_softmax(z / t if t != 1.0 else z, dim=-1)
         if temperature == 0:
             idx = CPDist(log_post, lf).mode()
