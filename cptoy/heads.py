@@ -565,10 +565,9 @@ class CPHeads(nn.Module):
         return self
 
     def _draft_logits(self, X: torch.Tensor, C: torch.Tensor | None) -> torch.Tensor:
-        """Like :meth:`_logits`, but over the shortlist when one is set: (..., K or V)."""
-        if self._draft_vocab is None:
-            return self._logits(X, C)
-        tb = self._step_tables()  # the shortlist's rows of U (and B), transposed, cached
+        """Like :meth:`_logits` (without gradients), over the shortlist when one is set:
+        (..., K or V)."""
+        tb = self._step_tables()  # U's (shortlist) rows, transposed, cached: one copy for all
         z = X @ tb["UT"].to(X.dtype)
         if C is not None:
             z = z + C @ tb["BT"].to(C.dtype)
@@ -794,26 +793,26 @@ class CPHeads(nn.Module):
             log_post = self._posterior(hidden, x1, t)[0].double()  # (r,)
             if routing == "expert" or temperature > 0:
                 expert = (int(log_post.argmax()) if temperature == 0 else
-                          int(_sample_index(torch.softmax(log_post, -1)[None], generator)))
+                          _sample_index(torch.softmax(log_post, -1)[None], generator)[1][0])
         if self.rank == 1 or routing == "expert":
             z = self._expert_logits(hidden, expert or 0, 1, k + 1)[0]  # (k, K)
             if temperature == 0:  # q (the untempered factor) is only built if asked for
                 return DraftStep(z.argmax(-1).tolist(), expert, self._draft_vocab, log_post,
                                  logits=z, vocab_list=self._draft_vocab_list)
             probs = torch.softmax(z / t if t != 1.0 else z, dim=-1, dtype=torch.float64)
-            idx = _sample_index(probs, generator)  # (k, 1)
-            return DraftStep(idx.view(-1).tolist(), expert, self._draft_vocab, log_post,
+            idx, drafts = _sample_index(probs, generator)  # (k, 1), k ints
+            return DraftStep(drafts, expert, self._draft_vocab, log_post,
                              probs=probs, q_at=probs.gather(1, idx).view(-1).tolist(),
                              vocab_list=self._draft_vocab_list)
         # mixture routing, rank > 1: every expert's factors at positions 2..k+1
         z = self._draft_logits(*self._features(hidden, k + 1, start=1))[0].double()  # (k,r,K)
         lf = torch.log_softmax(z / t if t != 1.0 else z, dim=-1)
         if temperature == 0:
-            idx = CPDist(log_post, lf).mode()
+            drafts = CPDist(log_post, lf).mode().tolist()
             expert = int(log_post.argmax())
         else:
-            idx = _sample_index(lf[:, expert].exp(), generator).view(-1)
-        return DraftStep(idx.tolist(), expert, self._draft_vocab, log_post,
+            drafts = _sample_index(lf[:, expert].exp(), generator)[1]
+        return DraftStep(drafts, expert, self._draft_vocab, log_post,
                          mixture=CPDist(log_post, lf), vocab_list=self._draft_vocab_list)
 
     def _check_experts(self, experts, Bsz: int) -> torch.Tensor:
@@ -827,8 +826,9 @@ class CPHeads(nn.Module):
         return experts.long().to(self.transform_weight.device)
 
 
-def _sample_index(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """One draw per row of ``probs`` (m, K) (float64 rows that sum to 1): indices (m, 1).
+def _sample_index(probs: torch.Tensor, generator: torch.Generator | None):
+    """One draw per row of ``probs`` (m, K) (float64 rows that sum to 1): indices (m, 1) and
+    the same as a list of m ints.
 
     Inverse CDF with ``right=True``, so an index with zero mass is never returned; a uniform
     at or above a row's float sum (which can fall short of 1 by ~1e-16) goes to the row's last
@@ -839,10 +839,12 @@ def _sample_index(probs: torch.Tensor, generator: torch.Generator | None) -> tor
     if u.device != c.device:  # CPU generator, also when the heads run on a GPU
         u = u.to(c.device)
     idx = torch.searchsorted(c, u, right=True)  # (m, 1)
-    if max(idx.view(-1).tolist()) >= probs.shape[-1]:  # probability ~1e-16
+    as_list = idx.view(-1).tolist()
+    if max(as_list) >= probs.shape[-1]:  # probability ~1e-16
         last = (probs > 0).cumsum(-1).argmax(-1, keepdim=True)  # last index with mass
         idx = torch.minimum(idx, last)
-    return idx
+        as_list = idx.view(-1).tolist()
+    return idx, as_list
 
 
 def frequency_shortlist(ids, vocab_size: int, size: int) -> torch.Tensor:
