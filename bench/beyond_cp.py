@@ -132,6 +132,25 @@ def _ctrl_line(info: dict) -> str:
 
 
 # ====================================================================== part 1: the task
+def verifier_free_decoders(clpm, r1, students) -> list[Decoder]:
+    """The verifier-free rows of both tables: CLP and gate network on ``clpm``, all drafts kept
+    with rank-1 heads ``r1``, and the two self-distilled ``students`` under ConfAdapt."""
+    return [
+        Decoder("CLP (τ=0.5)", "verifier-free",
+                lambda p, n: verifier_free_generate(clpm, p, n, "clp", threshold=0.5)),
+        Decoder("gate network (τ=0.5)", "verifier-free",
+                lambda p, n: verifier_free_generate(clpm, p, n, "gate", threshold=0.5)),
+        Decoder("all drafts, x1 from backbone", "verifier-free",
+                lambda p, n: verifier_free_generate(r1, p, n, "all", first="backbone")),
+        Decoder("all drafts, x1 from head 1", "verifier-free",
+                lambda p, n: verifier_free_generate(r1, p, n, "all", first="head")),
+        Decoder("self-distilled, ConfAdapt τ=0.9", "verifier-free",
+                lambda p, n: confadapt_generate(students["student"], p, n, 0.9)),
+        Decoder("teacher-target ablation, ConfAdapt τ=0.5", "verifier-free",
+                lambda p, n: confadapt_generate(students["teacher"], p, n, 0.5)),
+    ]
+
+
 def task_part(cfg: BenchConfig) -> tuple[list[str], dict]:
     torch.manual_seed(0)
     task = ArithmeticTask()
@@ -186,18 +205,7 @@ def task_part(cfg: BenchConfig) -> tuple[list[str], dict]:
                 lambda p, n: generate(cp4, p, n, temperature=0, strategy="self-spec")),
         Decoder("ArchitectHeads, self-spec", "lossless",
                 lambda p, n: generate(clpm, p, n, temperature=0, strategy="self-spec")),
-        Decoder("CLP (τ=0.5)", "verifier-free",
-                lambda p, n: verifier_free_generate(clpm, p, n, "clp", threshold=0.5)),
-        Decoder("gate network (τ=0.5)", "verifier-free",
-                lambda p, n: verifier_free_generate(clpm, p, n, "gate", threshold=0.5)),
-        Decoder("all drafts, x1 from backbone", "verifier-free",
-                lambda p, n: verifier_free_generate(r1, p, n, "all", first="backbone")),
-        Decoder("all drafts, x1 from head 1", "verifier-free",
-                lambda p, n: verifier_free_generate(r1, p, n, "all", first="head")),
-        Decoder("self-distilled, ConfAdapt τ=0.9", "verifier-free",
-                lambda p, n: confadapt_generate(students["student"], p, n, 0.9)),
-        Decoder("teacher-target ablation, ConfAdapt τ=0.5", "verifier-free",
-                lambda p, n: confadapt_generate(students["teacher"], p, n, 0.5)),
+        *verifier_free_decoders(clpm, r1, students),
     ]
     rows = compare_decoders(decoders, P, N, scorer=score)
     log("task: sweeps")
@@ -305,20 +313,7 @@ def code_part(cfg: BenchConfig) -> tuple[list[str], dict]:
         decoders.append(Decoder(f"CP rank-{rr.rank} heads, self-spec", "lossless",
                                 lambda p, n: generate(rr, p, n, temperature=0,
                                                       strategy="self-spec")))
-    decoders += [
-        Decoder("CLP (τ=0.5)", "verifier-free",
-                lambda p, n: verifier_free_generate(clpm, p, n, "clp", threshold=0.5)),
-        Decoder("gate network (τ=0.5)", "verifier-free",
-                lambda p, n: verifier_free_generate(clpm, p, n, "gate", threshold=0.5)),
-        Decoder("all drafts, x1 from backbone", "verifier-free",
-                lambda p, n: verifier_free_generate(r1, p, n, "all", first="backbone")),
-        Decoder("all drafts, x1 from head 1", "verifier-free",
-                lambda p, n: verifier_free_generate(r1, p, n, "all", first="head")),
-        Decoder("self-distilled, ConfAdapt τ=0.9", "verifier-free",
-                lambda p, n: confadapt_generate(students["student"], p, n, 0.9)),
-        Decoder("teacher-target ablation, ConfAdapt τ=0.5", "verifier-free",
-                lambda p, n: confadapt_generate(students["teacher"], p, n, 0.5)),
-    ]
+    decoders += verifier_free_decoders(clpm, r1, students)
     rows = compare_decoders(decoders, prompts, N)
     cols = [c for c in DECODER_COLUMNS if c[1] not in ("accuracy", "record_accuracy")]
     lines = [
