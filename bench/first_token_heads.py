@@ -8,7 +8,8 @@ positions 2..n also read x_1's token embedding (the backbone's own, tied), Hydra
     q_j(. | h, x_1) = softmax(U (h + silu(W_j [h; E x_1] + b_j))),   j = 2..n
 
 initialised from the shipped rank-1 heads (W_j's h-half = their transforms, E-half = 0), trained
-with cross-entropy on the true x_{t+j} given the true x_{t+1} for ``--minutes`` per corpus, and
+with ``cptoy.train.train`` on the cross-entropy of the true x_{t+j} given the true x_{t+1} for
+``--minutes`` per corpus, and
 measured with the same protocol as everything else (``cptoy.evaluate.teacher_forced_acceptance``
 and ``verify_cost``). Every drafter drafts over the whole vocabulary here, so only the heads
 differ. Decoding with such heads is still lossless (q is the factor the drafts came from).
@@ -36,6 +37,7 @@ from cptoy import checkpoints
 from cptoy.cp import CPDist
 from cptoy.data import encode_corpus, load_corpus
 from cptoy.evaluate import format_table, heldout_ids, teacher_forced_acceptance, verify_cost
+from cptoy.train import TrainConfig, train
 
 SECTION = "## Heads that see the first token (experiment)"
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
@@ -75,34 +77,29 @@ class FirstTokenModel(nn.Module):
         super().__init__()
         self.backbone, self.heads, self.n_future = backbone, heads, heads.n_future
 
+    @property
+    def config(self):
+        return self.backbone.config
 
-def train_heads(model: FirstTokenModel, train_ids: torch.Tensor, minutes: float, seed: int = 0,
-                batch: int = 16, block: int = 128, positions: int = 32, lr: float = 2e-3):
-    """Cross-entropy of x_{t+2..t+n} given h_t and the true x_{t+1}, frozen backbone."""
-    bb, heads, n = model.backbone, model.heads, model.n_future
-    bb.eval()
-    opt = torch.optim.AdamW(heads.parameters(), lr=lr, weight_decay=0.0)
-    g = torch.Generator().manual_seed(seed)
-    t0, step, losses = time.perf_counter(), 0, []
-    while time.perf_counter() - t0 < 60 * minutes:
-        ix = torch.randint(0, train_ids.numel() - block - n - 1, (batch,), generator=g)
-        x = torch.stack([train_ids[i:i + block + n] for i in ix.tolist()])  # (B, T + n)
-        with torch.no_grad():
-            H = bb(x[:, :block])  # (B, T, d)
-        pos = torch.randint(0, block, (batch, positions), generator=g)  # (B, P)
-        h = H.gather(1, pos[..., None].expand(-1, -1, H.shape[-1])).reshape(-1, H.shape[-1])
-        y = torch.stack([x.gather(1, pos + j) for j in range(1, n + 1)], -1).reshape(-1, n)
-        lg = heads.logits(h, y[:, 0])  # (N, n-1, V)
-        loss = F.cross_entropy(lg.reshape(-1, lg.shape[-1]), y[:, 1:].reshape(-1))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        step += 1
-        losses.append(loss.item())
-        if step % 500 == 0:
-            print(f"  step {step}: loss {sum(losses[-500:]) / 500:.3f}", file=sys.stderr)
-    return dict(steps=step, seconds=time.perf_counter() - t0,
-                final_loss=sum(losses[-200:]) / max(1, len(losses[-200:])))
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.backbone.eval()  # frozen: no dropout
+        return self
+
+
+def first_token_loss(model: FirstTokenModel, batch: torch.Tensor, positions: int = 32) -> dict:
+    """``loss_fn`` for ``cptoy.train.train``: cross-entropy of x_{t+2..t+n} given h_t and the
+    true x_{t+1}, at ``positions`` random contexts t per sequence of ``batch`` (B, T + n)."""
+    n = model.n_future
+    T = batch.shape[1] - n
+    with torch.no_grad():
+        H = model.backbone(batch[:, :T])  # (B, T, d) frozen backbone
+    pos = torch.randint(0, T, (batch.shape[0], positions), device=batch.device)  # (B, P)
+    h = H.gather(1, pos[..., None].expand(-1, -1, H.shape[-1])).reshape(-1, H.shape[-1])
+    y = torch.stack([batch.gather(1, pos + j) for j in range(1, n + 1)], -1).reshape(-1, n)
+    lg = model.heads.logits(h, y[:, 0])  # (N, n - 1, V)
+    loss = F.cross_entropy(lg.reshape(-1, lg.shape[-1]), y[:, 1:].reshape(-1))
+    return dict(total=loss, first_token_heads_nll=loss)
 
 
 def main(argv=None) -> str:
@@ -129,11 +126,14 @@ def main(argv=None) -> str:
         train_ids = torch.as_tensor(encode_corpus(load_corpus(corpus), tok).train_ids).long()
         print(f"[{time.perf_counter() - t_start:4.0f}s] {corpus}: training first-token heads",
               file=sys.stderr)
-        hist = train_heads(ft, train_ids, minutes)
+        hist = train(ft, train_ids, None, TrainConfig(
+            steps=None, minutes=minutes, batch_size=16, block_size=128, lr=2e-3, min_lr=2e-4,
+            weight_decay=0.0, warmup=50, seed=0, device="cpu"), progress=False,
+            loss_fn=first_token_loss)
         ft.eval()
+        final = hist["train"][-1]["first_token_heads_nll"] if hist["train"] else float("nan")
         notes.append(f"{corpus}: {hist['steps']} steps in {hist['seconds']:.0f} s, final "
-                     f"training cross-entropy {hist['final_loss']:.3f} nats/token "
-                     f"(positions 2..4)")
+                     f"training cross-entropy {final:.3f} nats/token (positions 2..4)")
         ids = heldout_ids(corpus, tok)
         drafters = [("CP rank 1 (shipped)", m1), ("CP rank 8 (shipped)", m8),
                     ("rank 1 + x_1 embedding (this script)", ft)]
