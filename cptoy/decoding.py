@@ -235,19 +235,14 @@ class _CPProposal:
                  probs: torch.Tensor | None = None):
         k = len(drafts)
         self.vocab, self.V = vocab, V
-        self.probs = probs  # (k, K): q is this one factor (given instead of dist), or None
+        if probs is None and dist.rank == 1:
+            probs = dist.log_factors[:k, 0].exp()
+        self.probs = probs  # (k, K): q is this one factor (rank 1, one-expert routing), or None
         if probs is not None:
             self.log_gates = probs.new_zeros(k, 1)
             self.at = at if at is not None else probs[torch.arange(k), drafts].tolist()
             return
         self.lf = dist.log_factors[:k]  # (k, r, K)
-        if dist.rank == 1:  # one expert (rank-1 heads or one-expert routing): q = its factors
-            self.log_gates = self.lf.new_zeros(k, 1)
-            if at is None:
-                d = torch.tensor(drafts, dtype=torch.long)
-                at = self.lf[torch.arange(k), 0, d].exp().tolist()
-            self.at = at  # given by the heads, which had the probabilities at hand
-            return
         d = torch.tensor(drafts, dtype=torch.long)
         ll = self.lf.gather(-1, d.view(k, 1, 1).expand(k, dist.rank, 1)).squeeze(-1)  # (k, r)
         before = torch.cat([torch.zeros_like(ll[:1]), ll[:-1].cumsum(0)])  # sum_{i<j} ll_i
@@ -426,10 +421,9 @@ def _check_routing(routing, model=None) -> str:
         raise ValueError(f"routing must be one of {ROUTINGS}, got {routing!r}")
     if routing == "expert" and model is not None:
         heads = getattr(model, "heads", None)
-        if heads is None or not hasattr(heads, "draft_posterior") \
-                or "experts" not in inspect.signature(heads.draft).parameters:
-            raise TypeError("routing='expert' needs CP heads with draft_posterior() and "
-                            "draft(..., experts=) (cptoy.heads.CPHeads)")
+        if heads is None or not hasattr(heads, "draft_step"):
+            raise TypeError("routing='expert' needs CP heads with draft_step() "
+                            "(cptoy.heads.CPHeads)")
     return routing
 
 

@@ -301,16 +301,14 @@ def teacher_forced_acceptance(
                 lg = logits[tl[:, None] + 1 + torch.arange(k)]  # (c, k, V): p after y_<j
                 if routing == "expert":
                     s_cum.append(_expert_acceptance(dT, lg, T, top))
-                    pos_all.append(tl + start)
-                    start_all.append(torch.full_like(tl, start))
-                    continue
-                q = _true_prefix_conditionals(dT, y)  # (c, k, V) float64
-                if T == 0:
-                    a = (q.argmax(-1) == lg.argmax(-1)).double()  # (c, k)
                 else:
-                    p = torch.softmax(lg / T, dim=-1)
-                    a = torch.minimum(p, q).sum(-1).clamp(max=1.0)  # (c, k)
-                s_cum.append(a.cumprod(1))
+                    q = _true_prefix_conditionals(dT, y)  # (c, k, V) float64
+                    if T == 0:
+                        a = (q.argmax(-1) == lg.argmax(-1)).double()  # (c, k)
+                    else:
+                        p = torch.softmax(lg / T, dim=-1)
+                        a = torch.minimum(p, q).sum(-1).clamp(max=1.0)  # (c, k)
+                    s_cum.append(a.cumprod(1))
                 pos_all.append(tl + start)
                 start_all.append(torch.full_like(tl, start))
     finally:
