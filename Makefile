@@ -35,15 +35,16 @@ bench: $(STAMP)
 	$(PY) bench/em_vs_hals.py
 	$(PY) bench/train_overhead.py
 	$(PY) bench/speculative.py
-	$(PY) bench/first_token_heads.py
 	$(PY) bench/heads_vs_rank.py
 	$(PY) bench/beyond_cp.py
 
 # The shipped demo checkpoints (cptoy/checkpoints/*.pt), one documented recipe: a backbone per
-# corpus trained with next-token loss, then rank-1 and rank-8 CP heads on it, frozen.
-# About 45 + 40 minutes of backbone and 4 x 10 minutes of heads on this 2-core CPU.
+# corpus trained with next-token loss, then rank-1 and rank-8 CP heads on it, frozen, then
+# first-token heads (cptoy.firsttoken) on the same backbone, initialised from the rank-1 heads.
+# About 45 + 40 minutes of backbone, 4 x 10 minutes of CP heads and 2 x 10 of first-token heads.
 CKPT_MINUTES ?= 45
 HEAD_MINUTES ?= 10
+X1_MINUTES ?= 10
 checkpoints: $(STAMP)
 	for c in code shakespeare; do \
 	  $(PY) -m cptoy.recipes --corpus $$c --preset toy --n-layer 6 --minutes $(CKPT_MINUTES) \
@@ -54,6 +55,8 @@ checkpoints: $(STAMP)
 	      --head-positions 0.25 --draft-vocab 512 --half --out cptoy/checkpoints/$${c}_r$$r.pt \
 	      || exit 1; \
 	  done; \
+	  $(PY) -m cptoy.firsttoken --corpus $$c --minutes $(X1_MINUTES) \
+	    --out cptoy/checkpoints/$${c}_x1.pt || exit 1; \
 	done
 
 lint: $(STAMP)

@@ -6,7 +6,8 @@ Everything is measured with ``cptoy.evaluate`` (the one protocol the notebooks a
    forward, the drafting time of each drafter (exactly what the decoder spends drafting one
    step), and the wall-clock ceiling they imply. Drafters: each shipped checkpoint drafting
    over the whole vocabulary and over its 512-token frequency shortlist, and rank r > 1 also
-   with one-expert routing (``cptoy.decoding``, ``routing="expert"``); plus the same drafting
+   with one-expert routing (``cptoy.decoding``, ``routing="expert"``), and the first-token
+   heads ``<corpus>_x1`` (``cptoy.firsttoken``) on the same backbone; plus the same drafting
    cost at GPT-2 scale (random weights: timing only).
 2. Teacher-forced acceptance on held-out text, per corpus, rank and temperature: expected
    tokens per forward for n = 2..6 (n = drafts + 1), greedy match and speculative (min(1, p/q)).
@@ -55,6 +56,7 @@ from cptoy.evaluate import (
 SECTION = "## Self-speculative decoding"
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 NAME = re.compile(r"^(code|shakespeare)_r(\d+)$")
+FIRST = "first-token heads"  # drafter label of cptoy.firsttoken's heads (<corpus>_x1)
 
 
 @dataclass
@@ -68,9 +70,10 @@ class Drafter:
     K: int  # drafting vocabulary size
 
 
-def make_drafters(models) -> list[Drafter]:
+def make_drafters(models, first_token=None) -> list[Drafter]:
     """rank -> (model, tok) to the drafters measured: full vocabulary and shortlist for every
-    rank, and one-expert routing on the shortlist for rank > 1."""
+    rank, and one-expert routing on the shortlist for rank > 1; then ``first_token`` heads
+    (``cptoy.firsttoken``, same backbone) with and without their shortlist when given."""
     out = []
     for rank, (model, _) in sorted(models.items()):
         V = model.config.vocab_size
@@ -84,6 +87,13 @@ def make_drafters(models) -> list[Drafter]:
                 out.append(Drafter(f"rank {rank}, expert, K={K}", rank, model, "expert", K))
         elif rank > 1:
             out.append(Drafter(f"rank {rank}, expert, K=V", rank, full, "expert", V))
+    if first_token is not None:
+        full = copy.deepcopy(first_token)
+        full.heads.set_draft_vocab(None)
+        out.append(Drafter(f"{FIRST}, K=V", 1, full, "mixture", full.config.vocab_size))
+        if first_token.heads.draft_vocab is not None:
+            K = first_token.heads.draft_vocab.numel()
+            out.append(Drafter(f"{FIRST}, K={K}", 1, first_token, "mixture", K))
     return out
 
 
@@ -138,6 +148,15 @@ def load_models(dev_dir: str | None) -> dict[str, dict[int, tuple]]:
         raise SystemExit(f"no checkpoints named <code|shakespeare>_r<rank> found "
                          f"({'cptoy/checkpoints' if dev_dir is None else dev_dir}): {names}")
     return out
+
+
+def load_first_token(corpus: str, dev_dir: str | None):
+    """The shipped first-token heads ``<corpus>_x1`` (cptoy.firsttoken), or None."""
+    from cptoy import checkpoints
+
+    if dev_dir is not None or f"{corpus}_x1" not in checkpoints.available():
+        return None
+    return checkpoints.load(f"{corpus}_x1")[0]
 
 
 def tf_table(corpus, drafters, ids, cfg) -> tuple[str, dict]:
@@ -248,9 +267,9 @@ def wall_table(corpus, drafters, base, prompts, tok, T, cfg) -> tuple[str, list]
                 methods.append(Method(f"{dr.label}, n={n}", dr.model, "self-spec", n - 1,
                                       dr.routing))
     methods.append(Method(f"lookup, n={hn}", base, "lookup", hn - 1))
-    top = drafters[-1].model
-    if hn <= top.n_future:
-        methods.append(Method(f"rank {drafters[-1].rank}, n={hn}", top, "heads-only", hn - 1))
+    top = max((dr for dr in drafters if dr.label.startswith("rank")), key=lambda dr: dr.rank)
+    if hn <= top.model.n_future:
+        methods.append(Method(f"rank {top.rank}, n={hn}", top.model, "heads-only", hn - 1))
     rows = benchmark_methods(methods, prompts, temperature=T,
                              max_new_tokens=cfg.max_new_tokens, seed=cfg.seed,
                              decode=tok.decode)
@@ -271,6 +290,23 @@ def _met(value: float, target: float, higher: bool = True) -> str:
     return "met" if ok else f"missed by {gap:.2f}" if gap >= 0.005 else f"missed by {gap:.3f}"
 
 
+def _first_token_note(best: dict, hn: int) -> str:
+    """How the first-token heads compare with the best CP heads (whole vocabulary), by T."""
+    ft = f"{FIRST}, K=V"
+    temps = sorted({T for lab, T, n in best if lab == ft and n == hn})
+    cps = sorted({lab for lab, _, _ in best if lab.startswith("rank") and lab.endswith(
+        "mixture, K=V")}, key=lambda lab: int(lab.split(",")[0].split()[1]))
+    if not temps or not cps:
+        return ""
+    top = cps[-1]
+    return (f" The CP heads also see x_1 only through the r-way posterior: {FIRST} (rank 1 "
+            f"reading x_1's embedding, same backbone and cost class as rank 1) reach "
+            + " / ".join(f"{best[(ft, T, hn)]:.2f}" for T in temps)
+            + f" against {top.split(',')[0]}'s "
+            + " / ".join(f"{best[(top, T, hn)]:.2f}" for T in temps)
+            + f" at T = {' / '.join(f'{T:g}' for T in temps)}.")
+
+
 def targets(tf_best: dict, walls: dict, costs: dict, top1: dict, cfg) -> list[str]:
     """Issue targets (issues 4 / 8) with how far each is from being met."""
     out = []
@@ -289,6 +325,10 @@ def targets(tf_best: dict, walls: dict, costs: dict, top1: dict, cfg) -> list[st
                 ratio = vals[rr] / vals[r1]
                 line += (f"; {rr.split(',')[0]} / rank 1 (mixture, whole vocabulary: the heads "
                          f"alone) = {ratio:.2f} (target >= 1.2: {_met(ratio, 1.2)})")
+            ft = f"{FIRST}, K=V"
+            if ft in vals and r1 in vals:
+                line += (f"; {FIRST} (rank 1 reading x_1, same backbone) / CP rank 1 = "
+                         f"{vals[ft] / vals[r1]:.2f}")
             out.append(line)
         out.append(
             f"- {corpus}, what holds acceptance back: the backbone itself is unsure of the next "
@@ -296,7 +336,7 @@ def targets(tf_best: dict, walls: dict, costs: dict, top1: dict, cfg) -> list[st
             f"positions), and the heads must match its distribution 2-{hn} tokens ahead from "
             f"the hidden state before x_1 was chosen; the per-draft acceptance this gives (by "
             f"position in the table below) is far from the ~0.8 that 3 tokens per forward at "
-            f"n = {hn} need.")
+            f"n = {hn} need." + _first_token_note(best, hn))
     for label, (c, c0) in costs.items():
         by, by0 = {r.k: r for r in c}, {r.k: r for r in c0}
         if hn in by and not math.isnan(by[hn].draft_ratio):
@@ -363,7 +403,7 @@ def main(argv=None) -> str:
     for corpus, models in groups.items():
         tok = next(iter(models.values()))[1]
         m0 = next(iter(models.values()))[0]
-        drafters = make_drafters(models)
+        drafters = make_drafters(models, load_first_token(corpus, args.dev_dir))
         info.append(f"{corpus}: ranks {sorted(models)}, n_future "
                     f"{sorted({m.n_future for m, _ in models.values()})}, backbone "
                     f"{m0.config.n_layer} layers x {m0.config.n_embd}, V={m0.config.vocab_size}, "
@@ -415,7 +455,9 @@ def main(argv=None) -> str:
         "still lossless: the backbone verifies); `mixture` tests drafts against the CP's mixture",
         "conditional, `expert` draws one expert from the posterior gate and tests against its",
         "factors (cheaper: position 1 for the posterior plus one expert's k factors instead of",
-        "r (k + 1)). t(k) = time of a k-token cached forward plus its logits after 64 cached",
+        "r (k + 1)); `first-token heads` are rank-1 heads whose positions 2..n also read x_1's",
+        "embedding (`cptoy.firsttoken`, checkpoint `<corpus>_x1`, trained on the same frozen",
+        "backbone, initialised from the rank-1 CP heads). t(k) = time of a k-token cached forward plus its logits after 64 cached",
         "tokens; drafting = everything the decoder spends drafting one step of k - 1 tokens",
         "(`CPHeads.draft_step`: heads, sampling, q), right after a forward as in decoding (lower",
         "quartile of the rounds: other processes preempt a share of the calls on this shared",

@@ -214,10 +214,16 @@ def cmd_sample(args) -> int:
 
     import torch
 
+    from cptoy.data import tokenizer_from_dict
+    from cptoy.firsttoken import FirstTokenModel, is_first_token_checkpoint
     from cptoy.train import load_checkpoint
 
-    ck = load_checkpoint(args.ckpt)
-    model, tok = ck.model, ck.tokenizer
+    if is_first_token_checkpoint(args.ckpt):  # heads only; the backbone of a shipped checkpoint
+        model = FirstTokenModel.load(args.ckpt).eval()
+        tok = tokenizer_from_dict(model.tokenizer_dict) if model.tokenizer_dict else None
+    else:
+        ck = load_checkpoint(args.ckpt)
+        model, tok = ck.model, ck.tokenizer
     if tok is None:
         raise SystemExit(f"{args.ckpt} carries no tokenizer; cannot encode a prompt")
     ids = tok.encode(args.prompt)

@@ -662,8 +662,11 @@ def _decode(model, backbone, prompt, max_new, temperature, strategy, gen, eos_id
             drafts = drafts[: drafts.index(eos_id) + 1]  # (q's first rows stay valid)
         stats.draft_time += time.perf_counter() - t0
         if record and strategy == "self-spec" and k > 0:
-            prior = model.heads(h_last)  # CPDist, batch (1,): the gate before seeing x_1
-            extra["gate_prior"] = prior.weights[0].detach().to("cpu", torch.float64).tolist()
+            if getattr(heads, "rank", None) == 1:  # no gate (also heads that only draft)
+                extra["gate_prior"] = [1.0]
+            else:
+                prior = model.heads(h_last)  # CPDist, batch (1,): the gate before seeing x_1
+                extra["gate_prior"] = prior.weights[0].detach().to("cpu", torch.float64).tolist()
 
         # ----- one verification forward over [x_1, drafts]
         t0 = time.perf_counter()

@@ -253,7 +253,128 @@ class DraftStep:
         return [ids[i] for i in self.index]
 
 
-class CPHeads(nn.Module):
+class DraftingHeads(nn.Module):
+    """What every cptoy drafting head shares: argument checks and the drafting shortlist.
+
+    Subclasses set ``d_model``, ``vocab_size``, ``n_future`` and an ``unembedding`` (V, d)
+    property, call ``super().__init__()`` and then :meth:`_init_shortlist`; they may cache
+    drafting tables in ``self._tables`` (dropped when the shortlist changes).
+    """
+
+    def _init_shortlist(self) -> None:
+        # drafting shortlist (K,) or None, see set_draft_vocab; moves with .to(), not saved in
+        # the state dict (checkpoints store it beside the weights)
+        self.register_buffer("_draft_vocab", None, persistent=False)
+        self._draft_vocab_list: list[int] | None = None
+        self._tables = None
+
+    def _attach(self, name: str, tensor, shape: tuple[int, int]) -> None:
+        """Attach a (V, d) matrix of the backbone. An ``nn.Parameter`` is *shared*: used by
+        reference and not registered here (its owner trains and saves it); a plain tensor is
+        copied into a fixed, non-persistent buffer."""
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(
+                f"{name} must be a (V, d) tensor or nn.Parameter, got {type(tensor).__name__}"
+            )
+        if tuple(tensor.shape) != tuple(shape):
+            raise ValueError(
+                f"{name} must have shape (vocab_size, d_model) = {tuple(shape)}, "
+                f"got {tuple(tensor.shape)}"
+            )
+        if isinstance(tensor, nn.Parameter):
+            self.__dict__[f"_shared_{name}"] = tensor  # shared, not registered
+        else:
+            self.register_buffer(f"_fixed_{name}", tensor.detach().clone(), persistent=False)
+
+    def _attached(self, name: str) -> torch.Tensor:
+        t = self.__dict__.get(f"_shared_{name}")
+        return t if t is not None else getattr(self, f"_fixed_{name}")
+
+    def _check_hidden(self, hidden, name: str = "hidden", dims: int | None = None) -> torch.Tensor:
+        if not isinstance(hidden, torch.Tensor) or not hidden.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor (..., d_model)")
+        if hidden.dim() < 1 or hidden.shape[-1] != self.d_model:
+            raise ValueError(
+                f"{name} must have last dimension d_model={self.d_model}, got shape {tuple(hidden.shape)}"
+            )
+        if dims is not None and hidden.dim() != dims:
+            raise ValueError(f"{name} must have {dims} dimensions, got shape {tuple(hidden.shape)}")
+        return hidden
+
+    def _check_tokens(self, x, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor) or x.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"{name} must be an integer (int64) tensor of token ids")
+        if tuple(x.shape) != tuple(shape):
+            raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(x.shape)}")
+        if (
+            x.numel()
+            and x.device.type == "cpu"
+            and (int(x.min()) < 0 or int(x.max()) >= self.vocab_size)
+        ):
+            raise ValueError(f"{name} holds token ids outside [0, {self.vocab_size})")
+        return x.long()
+
+    # ------------------------------------------------------------------ drafting shortlist
+    @property
+    def draft_vocab(self) -> torch.Tensor | None:
+        """The drafting shortlist: (K,) int64 token ids, sorted, or None (the whole vocabulary)."""
+        return self._draft_vocab
+
+    def set_draft_vocab(self, token_ids) -> DraftingHeads:
+        """Restrict drafting to a shortlist of K token ids (None: the whole vocabulary again).
+
+        With a shortlist, drafting (``draft``, ``draft_step``, and for CP heads
+        ``draft_posterior``) multiplies by the K rows of the unembedding (and of B) instead of
+        all V, and every drafted factor is a softmax over the shortlist (zero elsewhere). Drafts are still verified by the backbone, so decoding stays
+        lossless; only tokens outside the shortlist can no longer be drafted. Training and
+        :meth:`forward` are unaffected. See :func:`frequency_shortlist`.
+        """
+        self._tables = None  # drafting tables are rebuilt for the new shortlist
+        if token_ids is None:
+            self._draft_vocab = None
+            self._draft_vocab_list = None
+            return self
+        if isinstance(token_ids, (list, tuple)):
+            if any(isinstance(t, bool) or not isinstance(t, int) for t in token_ids):
+                raise TypeError("token_ids must hold ints")
+            token_ids = torch.tensor(token_ids, dtype=torch.long)
+        if not isinstance(token_ids, torch.Tensor) or token_ids.is_floating_point():
+            raise TypeError("token_ids must be a 1-D integer tensor or list of ints, or None")
+        ids = token_ids.detach().to("cpu", torch.long).flatten()
+        if ids.numel() == 0:
+            raise ValueError("token_ids must not be empty (None drafts from the whole vocabulary)")
+        if int(ids.min()) < 0 or int(ids.max()) >= self.vocab_size:
+            raise ValueError(f"token_ids must lie in [0, {self.vocab_size})")
+        ids = torch.unique(ids)  # sorted
+        self._draft_vocab = ids.to(self.unembedding.device)
+        self._draft_vocab_list = ids.tolist()
+        return self
+
+    def _to_vocab(self, lf: torch.Tensor, compact: bool = False) -> torch.Tensor:
+        """Shortlist log-probabilities (..., K) -> (..., V) with -inf outside the shortlist."""
+        if self._draft_vocab is None or compact:
+            return lf
+        out = lf.new_full(lf.shape[:-1] + (self.vocab_size,), -math.inf)
+        out[..., self._draft_vocab] = lf
+        return out
+
+    def _check_draft_args(self, hidden, first_tokens, temperature, n_draft=None):
+        hidden = self._check_hidden(hidden, dims=2)
+        Bsz = hidden.shape[0]
+        first = self._check_tokens(first_tokens, "first_tokens", (Bsz,))
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+            raise TypeError(f"temperature must be a float, got {type(temperature).__name__}")
+        if not (temperature >= 0 and math.isfinite(temperature)):
+            raise ValueError(f"temperature must be a finite float >= 0, got {temperature}")
+        if self.n_future < 2:
+            raise ValueError("draft needs n_future >= 2 (there is nothing to draft after x_1)")
+        k = self.n_future - 1 if n_draft is None else n_draft
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= self.n_future - 1:
+            raise ValueError(f"n_draft must be an int in [1, {self.n_future - 1}], got {n_draft}")
+        return hidden, first, float(temperature), k
+
+
+class CPHeads(DraftingHeads):
     """Rank-r CP heads over the next n tokens, sharing the backbone's unembedding.
 
     Args:
@@ -292,21 +413,7 @@ class CPHeads(nn.Module):
         if chunk_size is not None:
             check_positive_int(chunk_size, "chunk_size")
         self.chunk_size = chunk_size
-        if not isinstance(unembedding, torch.Tensor):
-            raise TypeError(
-                f"unembedding must be a (V, d) tensor or nn.Parameter, got {type(unembedding).__name__}"
-            )
-        if tuple(unembedding.shape) != (vocab_size, d_model):
-            raise ValueError(
-                f"unembedding must have shape (vocab_size, d_model) = ({vocab_size}, {d_model}), "
-                f"got {tuple(unembedding.shape)}"
-            )
-        if isinstance(unembedding, nn.Parameter):
-            self.__dict__["_shared_unembedding"] = unembedding  # shared, not registered
-        else:
-            self.register_buffer(
-                "_fixed_unembedding", unembedding.detach().clone(), persistent=False
-            )
+        self._attach("unembedding", unembedding, (vocab_size, d_model))
 
         n, r, d = n_future, rank, d_model
         per_pos = n * r if expert_dim is None else n  # transforms that feed U
@@ -321,10 +428,7 @@ class CPHeads(nn.Module):
             self.expert_out = nn.Parameter(torch.randn(vocab_size, e) * 0.02)
         # gate w = softmax(W_g h + b_g); zero init = uniform weights; absent for rank 1
         self.gate = nn.Linear(d, r) if r > 1 else None
-        # drafting shortlist (K,) or None, see set_draft_vocab; moves with .to(), not saved in
-        # the state dict (MTPModel.save stores it beside the weights)
-        self.register_buffer("_draft_vocab", None, persistent=False)
-        self._draft_vocab_list: list[int] | None = None
+        self._init_shortlist()
         if self.gate is not None:
             nn.init.zeros_(self.gate.weight)
             nn.init.zeros_(self.gate.bias)
@@ -333,8 +437,7 @@ class CPHeads(nn.Module):
     @property
     def unembedding(self) -> torch.Tensor:
         """The shared (V, d) unembedding."""
-        u = self.__dict__.get("_shared_unembedding")
-        return u if u is not None else self._fixed_unembedding
+        return self._attached("unembedding")
 
     @property
     def structure(self) -> str:
@@ -356,30 +459,6 @@ class CPHeads(nn.Module):
             return self.chunk_size
         per = self.n_future * self.rank * self.vocab_size * 4
         return max(1, _CHUNK_BYTES // per)
-
-    def _check_hidden(self, hidden, name: str = "hidden", dims: int | None = None) -> torch.Tensor:
-        if not isinstance(hidden, torch.Tensor) or not hidden.is_floating_point():
-            raise TypeError(f"{name} must be a floating-point tensor (..., d_model)")
-        if hidden.dim() < 1 or hidden.shape[-1] != self.d_model:
-            raise ValueError(
-                f"{name} must have last dimension d_model={self.d_model}, got shape {tuple(hidden.shape)}"
-            )
-        if dims is not None and hidden.dim() != dims:
-            raise ValueError(f"{name} must have {dims} dimensions, got shape {tuple(hidden.shape)}")
-        return hidden
-
-    def _check_tokens(self, x, name: str, shape: tuple[int, ...]) -> torch.Tensor:
-        if not isinstance(x, torch.Tensor) or x.dtype not in (torch.int64, torch.int32):
-            raise TypeError(f"{name} must be an integer (int64) tensor of token ids")
-        if tuple(x.shape) != tuple(shape):
-            raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(x.shape)}")
-        if (
-            x.numel()
-            and x.device.type == "cpu"
-            and (int(x.min()) < 0 or int(x.max()) >= self.vocab_size)
-        ):
-            raise ValueError(f"{name} holds token ids outside [0, {self.vocab_size})")
-        return x.long()
 
     # ------------------------------------------------------------------ building blocks
     def gate_log_probs(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -529,41 +608,6 @@ class CPHeads(nn.Module):
         return HeadTerms(total, log_q, log_first)
 
     # ------------------------------------------------------------------ drafting
-    @property
-    def draft_vocab(self) -> torch.Tensor | None:
-        """The drafting shortlist: (K,) int64 token ids, sorted, or None (the whole vocabulary)."""
-        return self._draft_vocab
-
-    def set_draft_vocab(self, token_ids) -> CPHeads:
-        """Restrict drafting to a shortlist of K token ids (None: the whole vocabulary again).
-
-        With a shortlist, :meth:`draft` and :meth:`draft_posterior` multiply by the K rows of the
-        unembedding (and of B) instead of all V, and every drafted factor is a softmax over the
-        shortlist (zero elsewhere). Drafts are still verified by the backbone, so decoding stays
-        lossless; only tokens outside the shortlist can no longer be drafted. Training and
-        :meth:`forward` are unaffected. See :func:`frequency_shortlist`.
-        """
-        self._tables = None  # drafting tables are rebuilt for the new shortlist
-        if token_ids is None:
-            self._draft_vocab = None
-            self._draft_vocab_list = None
-            return self
-        if isinstance(token_ids, (list, tuple)):
-            if any(isinstance(t, bool) or not isinstance(t, int) for t in token_ids):
-                raise TypeError("token_ids must hold ints")
-            token_ids = torch.tensor(token_ids, dtype=torch.long)
-        if not isinstance(token_ids, torch.Tensor) or token_ids.is_floating_point():
-            raise TypeError("token_ids must be a 1-D integer tensor or list of ints, or None")
-        ids = token_ids.detach().to("cpu", torch.long).flatten()
-        if ids.numel() == 0:
-            raise ValueError("token_ids must not be empty (None drafts from the whole vocabulary)")
-        if int(ids.min()) < 0 or int(ids.max()) >= self.vocab_size:
-            raise ValueError(f"token_ids must lie in [0, {self.vocab_size})")
-        ids = torch.unique(ids)  # sorted
-        self._draft_vocab = ids.to(self.unembedding.device)
-        self._draft_vocab_list = ids.tolist()
-        return self
-
     def _draft_logits(self, X: torch.Tensor, C: torch.Tensor | None) -> torch.Tensor:
         """Like :meth:`_logits` (without gradients), over the shortlist when one is set:
         (..., K or V)."""
@@ -572,29 +616,6 @@ class CPHeads(nn.Module):
         if C is not None:
             z = z + C @ tb["BT"].to(C.dtype)
         return z.float()
-
-    def _to_vocab(self, lf: torch.Tensor, compact: bool = False) -> torch.Tensor:
-        """Shortlist log-probabilities (..., K) -> (..., V) with -inf outside the shortlist."""
-        if self._draft_vocab is None or compact:
-            return lf
-        out = lf.new_full(lf.shape[:-1] + (self.vocab_size,), -math.inf)
-        out[..., self._draft_vocab] = lf
-        return out
-
-    def _check_draft_args(self, hidden, first_tokens, temperature, n_draft=None):
-        hidden = self._check_hidden(hidden, dims=2)
-        Bsz = hidden.shape[0]
-        first = self._check_tokens(first_tokens, "first_tokens", (Bsz,))
-        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
-            raise TypeError(f"temperature must be a float, got {type(temperature).__name__}")
-        if not (temperature >= 0 and math.isfinite(temperature)):
-            raise ValueError(f"temperature must be a finite float >= 0, got {temperature}")
-        if self.n_future < 2:
-            raise ValueError("draft needs n_future >= 2 (there is nothing to draft after x_1)")
-        k = self.n_future - 1 if n_draft is None else n_draft
-        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= self.n_future - 1:
-            raise ValueError(f"n_draft must be an int in [1, {self.n_future - 1}], got {n_draft}")
-        return hidden, first, float(temperature), k
 
     def draft_posterior(self, hidden: torch.Tensor, first_tokens: torch.Tensor,
                         temperature: float) -> torch.Tensor:

@@ -190,7 +190,8 @@ def check_slice_metrics(model, ids: torch.Tensor) -> dict:
     for blk in blocks:
         for k, v in model.loss(blk[None]).items():
             out[k] = out.get(k, 0.0) + float(v) / len(blocks)
-    return {k: out[k] for k in ("next_token_nll", "joint_nll", "first_token_nll")}
+    keys = ("next_token_nll", "joint_nll", "first_token_nll", "draft_nll")  # MTP / first-token
+    return {k: out[k] for k in keys if k in out}
 
 
 def record_check_metrics(path: str, corpus: str) -> dict:

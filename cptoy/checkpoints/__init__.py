@@ -1,7 +1,8 @@
 """Demo checkpoints shipped inside the package (each file at most 5 MB, half precision).
 
 Rank-1 and rank-r CP heads share one frozen backbone per corpus, so acceptance differences come
-from the heads alone. Reproduce them with ``make checkpoints`` (see ``cptoy/recipes.py``).
+from the heads alone; ``<corpus>_x1`` holds only first-token heads (``cptoy.firsttoken``) trained
+on that same backbone, which it loads from ``<corpus>_r1``. Reproduce them with ``make checkpoints`` (see ``cptoy/recipes.py``).
 
     from cptoy import checkpoints
     model, tokenizer, metrics = checkpoints.load("code_r8")
@@ -28,11 +29,17 @@ def path(name: str) -> Path:
 
 
 def load(name: str, device: str | None = None):
-    """Load a shipped checkpoint: returns ``(model, tokenizer, metrics)`` with the model in eval mode."""
+    """Load a shipped checkpoint: returns ``(model, tokenizer, metrics)`` with the model in eval mode.
+
+    ``<corpus>_r<rank>``: an ``MTPModel`` (backbone + CP heads); ``<corpus>_x1``: a
+    ``cptoy.firsttoken.FirstTokenModel`` (heads that read x_1, on the rank-1 file's backbone).
+    """
     from cptoy.data import tokenizer_from_dict
+    from cptoy.firsttoken import FirstTokenModel, is_first_token_checkpoint
     from cptoy.heads import MTPModel
 
-    model = MTPModel.load(path(name))
+    file = path(name)
+    model = (FirstTokenModel if is_first_token_checkpoint(file) else MTPModel).load(file)
     if device is not None:
         model = model.to(device)
     tok = tokenizer_from_dict(model.tokenizer_dict) if model.tokenizer_dict else None
