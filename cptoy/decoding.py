@@ -299,7 +299,11 @@ def _verify(logits, drafts, q, temperature, gen, eos_id, keep_p=False):
     """
     k = len(drafts)
     greedy = temperature == 0
-    p = _probs(logits, temperature) if (keep_p or not greedy) else None  # (k + 1, V) float64
+    p = _probs(logits, temperature) if keep_p else None  # (k + 1, V) float64, for the records
+
+    def p_row(i: int) -> torch.Tensor:  # (V,) float64; only the rows a step reaches are built
+        return p[i] if p is not None else _probs(logits[i], temperature)
+
     accept_probs: list[float] = []
     decisions: list[bool] = []
     for i, d in enumerate(drafts):
@@ -308,17 +312,18 @@ def _verify(logits, drafts, q, temperature, gen, eos_id, keep_p=False):
             ok = d == target
             accept_probs.append(1.0 if ok else 0.0)
         else:
-            p_d, q_d = float(p[i, d]), q.at[i]
+            p_i = p_row(i)
+            p_d, q_d = float(p_i[d]), q.at[i]
             accept_probs.append(min(1.0, p_d / q_d) if q_d > 0 else 1.0)
             u = float(torch.rand((), dtype=torch.float64, generator=gen))
             ok = _accept(p_d, q_d, u)
         decisions.append(ok)
         if not ok:
-            final = target if greedy else _draw(_residual(p[i], q.row(i)), gen)
+            final = target if greedy else _draw(_residual(p_i, q.row(i)), gen)
             return i, final, "replacement", accept_probs, decisions, p
         if eos_id is not None and d == eos_id:
             return i + 1, None, None, accept_probs, decisions, p
-    final = int(logits[k].argmax()) if greedy else _draw(p[k], gen)
+    final = int(logits[k].argmax()) if greedy else _draw(p_row(k), gen)
     return k, final, ("bonus" if k > 0 else "first"), accept_probs, decisions, p
 
 
