@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from cptoy._checks import check_positive_int
 from cptoy.cp import CPDist
-from cptoy.heads import DraftingHeads, DraftStep, MTPModel, _sample_index
+from cptoy.heads import DraftingHeads, DraftStep, MTPModel, _sample_index, read_torch_file
 from cptoy.model import GPT, GPTConfig
 
 FORMAT = "cptoy-first-token-heads"  # the "format" entry of a first-token-heads checkpoint
@@ -333,12 +333,7 @@ class FirstTokenModel(nn.Module):
 def read_checkpoint(path) -> dict:
     """The dict of a first-token-heads checkpoint; ValueError naming the file otherwise."""
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise ValueError(f"checkpoint {path!r} does not exist")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise ValueError(f"checkpoint {path!r} is corrupt or not a torch file: {exc}") from exc
+    ckpt = read_torch_file(path)
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise ValueError(f"checkpoint {path!r} is not a first-token-heads checkpoint")
     if ckpt.get("format_version", 0) > FORMAT_VERSION:

@@ -894,6 +894,20 @@ def frequency_shortlist(ids, vocab_size: int, size: int) -> torch.Tensor:
 # ============================================================================ the model
 
 
+def read_torch_file(path) -> object:
+    """``torch.load`` of a checkpoint file (CPU, weights only); ValueError naming the file when
+    it is missing or not a torch file."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ValueError(f"checkpoint {path!r} does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ValueError(
+            f"checkpoint {path!r} is corrupt or not a torch file: {type(exc).__name__}: {exc}"
+        ) from exc
+
+
 def _check_head_positions(hp):
     if hp is None:
         return None
@@ -1165,14 +1179,7 @@ class MTPModel(nn.Module):
         """Read and validate a checkpoint file into its dict (weights as stored). Raises
         ValueError naming the file when it is missing, corrupt or not a cptoy MTP checkpoint."""
         path = os.fspath(path)
-        if not os.path.isfile(path):
-            raise ValueError(f"checkpoint {path!r} does not exist")
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise ValueError(
-                f"checkpoint {path!r} is corrupt or not a torch file: {type(exc).__name__}: {exc}"
-            ) from exc
+        ckpt = read_torch_file(path)
         if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
             raise ValueError(
                 f"checkpoint {path!r} is not a cptoy MTP checkpoint (no format={CHECKPOINT_FORMAT!r} entry)"
