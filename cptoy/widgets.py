@@ -888,7 +888,7 @@ class AcceptanceExplorer:
 
     widget: object  # ipywidgets.VBox: the whole panel
     model_dropdown: object  # ipywidgets.Dropdown over the models' names
-    strategy_dropdown: object  # ipywidgets.Dropdown: "self-spec" or "lookup"
+    strategy_dropdown: object  # ipywidgets.Dropdown: a key of EXPLORER_DRAFTERS
     temperature_slider: object  # ipywidgets.FloatSlider, 0 = greedy
     n_slider: object  # ipywidgets.IntSlider: drafts per step k (tokens per forward <= k + 1)
     prompt_dropdown: object  # ipywidgets.Dropdown over the prompts (value = index)
@@ -900,7 +900,7 @@ class AcceptanceExplorer:
     prompts: list = field(repr=False)  # list of token-id lists
     heldout_ids: torch.Tensor | None = field(default=None, repr=False)  # for teacher forcing
     settings: dict = field(default_factory=dict)  # max_new_tokens, seed, tf_positions
-    tf_cache: dict = field(default_factory=dict, repr=False)  # (name, T, k) -> TFResult
+    tf_cache: dict = field(default_factory=dict, repr=False)  # (name, T, k, routing) -> TFResult
     generation: object = field(default=None, repr=False)  # the last Generation
     status: str = ""
     _busy: bool = field(default=False, repr=False)
@@ -909,15 +909,15 @@ class AcceptanceExplorer:
         self.status = ("⚠ " if kind == "error" else "") + text
         self.message.value = _message_html(text, kind)
 
-    def teacher_forced(self, name: str, temperature: float, k: int):
-        """Teacher-forced acceptance (cptoy.evaluate) for this model, T and k, cached."""
+    def teacher_forced(self, name: str, temperature: float, k: int, routing: str = "mixture"):
+        """Teacher-forced acceptance (cptoy.evaluate) for this model, T, k and routing, cached."""
         from cptoy.evaluate import teacher_forced_acceptance
 
-        key = (name, float(temperature), int(k))
+        key = (name, float(temperature), int(k), routing)
         if key not in self.tf_cache:
             self.tf_cache[key] = teacher_forced_acceptance(
                 self.models[name], self.heldout_ids, n_draft=k, temperature=temperature,
-                max_positions=self.settings["tf_positions"], seed=0)
+                max_positions=self.settings["tf_positions"], seed=0, routing=routing)
         return self.tf_cache[key]
 
     def _sync_n_slider(self) -> None:
@@ -945,14 +945,15 @@ class AcceptanceExplorer:
             self._sync_n_slider()
         name = self.model_dropdown.value
         model = self.models[name]
-        strategy = self.strategy_dropdown.value
+        drafter = self.strategy_dropdown.value
+        strategy, routing = EXPLORER_DRAFTERS[drafter]
         T = float(self.temperature_slider.value)
         k = int(self.n_slider.value)
         prompt = self.prompts[self.prompt_dropdown.value]
         if strategy == "self-spec" and getattr(model, "n_future", 1) < 2:
             raise ValueError(f"model {name!r} has no draft heads (n_future < 2)")
         g = generate(model, prompt, self.settings["max_new_tokens"], temperature=T,
-                     strategy=strategy, seed=self.settings["seed"], n_draft=k)
+                     strategy=strategy, seed=self.settings["seed"], n_draft=k, routing=routing)
         self.generation = g
         s = g.stats
 
@@ -968,7 +969,7 @@ class AcceptanceExplorer:
         # --- teacher-forced reference (self-spec with held-out ids only)
         tf = None
         if strategy == "self-spec" and self.heldout_ids is not None:
-            tf = self.teacher_forced(name, T, k)
+            tf = self.teacher_forced(name, T, k, routing)
 
         # --- histogram of tokens per step (prefill excluded)
         steps = s.gained_per_forward[1:]
@@ -1005,7 +1006,7 @@ class AcceptanceExplorer:
             fa.layout.xaxis.tickvals = pos
 
         rep = repetition(g.tokens)
-        msg = (f"{name}, {strategy}, T={T:g}, k={k}: measured {s.tokens_per_step:.2f} tokens per "
+        msg = (f"{name}, {drafter}, T={T:g}, k={k}: measured {s.tokens_per_step:.2f} tokens per "
                f"step ({s.tokens_per_forward:.2f} per forward with the prefill, {s.n_steps} "
                f"steps); repeated 4-grams {rep:.2f}")
         if tf is not None:
@@ -1019,6 +1020,13 @@ class AcceptanceExplorer:
     def _repr_mimebundle_(self, **kwargs):
         _sync_figures(self.figures.values())
         return self.widget._repr_mimebundle_(**kwargs)
+
+
+EXPLORER_DRAFTERS = {  # the explorer's drafter menu -> (strategy, routing) of generate()
+    "self-spec": ("self-spec", "mixture"),
+    "self-spec, one expert": ("self-spec", "expert"),
+    "lookup": ("lookup", "mixture"),
+}
 
 
 def acceptance_explorer(
@@ -1039,7 +1047,8 @@ def acceptance_explorer(
     prompts: list of token-id lists (held-out prompts, e.g. ``cptoy.evaluate.heldout_prompts``).
     heldout_ids: (T,) held-out ids for the teacher-forced reference (None: none shown), computed
         with ``cptoy.evaluate.teacher_forced_acceptance`` on ``tf_positions`` positions.
-    Controls: model, drafter (self-spec or prompt lookup), temperature (0 = greedy), drafts per
+    Controls: model, drafter (self-spec with the CP mixture as q, self-spec with one expert
+    drawn from the posterior gate, or prompt lookup), temperature (0 = greedy), drafts per
     step k, prompt. Shows the generated text coloured by how each token arrived (first token,
     accepted draft, replacement, bonus), the histogram of tokens per step next to the
     teacher-forced prediction, acceptance by draft position measured and teacher-forced, and the
@@ -1082,7 +1091,7 @@ def acceptance_explorer(
     sty = {"description_width": "110px"}
     model_dd = w.Dropdown(options=list(models), value=next(iter(models)), description="model",
                           style=sty, layout=w.Layout(width="300px"))
-    strat_dd = w.Dropdown(options=["self-spec", "lookup"], value="self-spec",
+    strat_dd = w.Dropdown(options=list(EXPLORER_DRAFTERS), value="self-spec",
                           description="drafter", style=sty, layout=w.Layout(width="300px"))
     temp = w.FloatSlider(value=float(temperature), min=0.0, max=2.0, step=0.05,
                          description="temperature", continuous_update=False, style=sty,

@@ -59,7 +59,7 @@ def test_explorer_draws_text_histogram_and_acceptance(models, tok, prompts, held
     assert list(hist.x) == [1, 2, 3, 4]
     steps = g.stats.gained_per_forward[1:]
     assert np.allclose(_y(hist), [steps.count(x) / len(steps) for x in (1, 2, 3, 4)])
-    tf = ex.tf_cache[("rank 1", 1.0, 3)]
+    tf = ex.tf_cache[("rank 1", 1.0, 3, "mixture")]
     pred = _y(ex.figures["tokens"].data[1])
     assert pred.sum() == pytest.approx(1.0) and pred[0] == pytest.approx(1 - tf.spec_prefix[0])
     acc = ex.figures["acceptance"]
@@ -82,13 +82,22 @@ def test_explorer_follows_the_controls(models, tok, prompts, heldout):
     ex.model_dropdown.value = "rank 3"  # n_future 3: k is clamped to 2
     assert ex.n_slider.max == 2 and ex.n_slider.value == 2
     assert list(ex.figures["acceptance"].data[0].x) == [2, 3]
-    assert ("rank 3", 1.0, 2) in ex.tf_cache
+    assert ("rank 3", 1.0, 2, "mixture") in ex.tf_cache
     ex.temperature_slider.value = 0.0
     g = ex.generation
     from cptoy.decoding import generate
 
     ref = generate(models["rank 3"], prompts[1], 24, temperature=0, strategy="ar").tokens
     assert g.tokens == ref  # greedy self-spec in the panel is lossless
+    ex.temperature_slider.value = 1.0
+    ex.strategy_dropdown.value = "self-spec, one expert"  # q = one expert from the posterior
+    g = ex.generation
+    assert g.stats.strategy == "self-spec" and "one expert" in ex.status
+    assert all(e is not None for e, d in zip(g.stats.experts, g.stats.drafted_per_step) if d)
+    tf = ex.tf_cache[("rank 3", 1.0, 2, "expert")]
+    assert np.allclose(_y(ex.figures["acceptance"].data[1]), tf.spec_acceptance, equal_nan=True)
+    mix = ex.teacher_forced("rank 3", 1.0, 2)  # by convexity one expert is accepted less
+    assert tf.spec_prefix[0] <= mix.spec_prefix[0] + 1e-9
     ex.strategy_dropdown.value = "lookup"
     assert ex.generation.stats.strategy == "lookup"
     assert list(ex.figures["acceptance"].data[1].y) == []  # no teacher forcing for lookup
