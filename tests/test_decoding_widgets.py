@@ -93,7 +93,8 @@ def test_explorer_follows_the_controls(models, tok, prompts, heldout):
     ex.strategy_dropdown.value = "self-spec, one expert"  # q = one expert from the posterior
     g = ex.generation
     assert g.stats.strategy == "self-spec" and "one expert" in ex.status
-    assert all(e is not None for e, d in zip(g.stats.experts, g.stats.drafted_per_step) if d)
+    drawn = zip(g.stats.experts, g.stats.drafted_per_step, strict=True)
+    assert all(e is not None for e, d in drawn if d)  # every step with drafts drew an expert
     tf = ex.tf_cache[("rank 3", 1.0, 2, "expert")]
     assert np.allclose(_y(ex.figures["acceptance"].data[1]), tf.spec_acceptance, equal_nan=True)
     mix = ex.teacher_forced("rank 3", 1.0, 2)  # by convexity one expert is accepted less
