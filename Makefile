@@ -54,6 +54,8 @@ checkpoints: $(STAMP)
 	      --init runs/$${c}_backbone_mtp.pt --minutes $(HEAD_MINUTES) --steps 100000 --batch-size 16 \
 	      --head-positions 0.25 --draft-vocab 512 --half --out cptoy/checkpoints/$${c}_r$$r.pt \
 	      || exit 1; \
+	    $(PY) -c "from cptoy.recipes import record_check_metrics as f; \
+	      f('cptoy/checkpoints/$${c}_r$$r.pt', '$$c')" || exit 1; \
 	  done; \
 	  $(PY) -m cptoy.firsttoken --corpus $$c --minutes $(X1_MINUTES) \
 	    --out cptoy/checkpoints/$${c}_x1.pt || exit 1; \
