@@ -427,8 +427,8 @@ def _check_routing(routing, model=None) -> str:
     if routing == "expert" and model is not None:
         heads = getattr(model, "heads", None)
         if heads is None or not hasattr(heads, "draft_step"):
-            raise TypeError("routing='expert' needs CP heads with draft_step() "
-                            "(cptoy.heads.CPHeads)")
+            raise TypeError("routing='expert' needs heads with draft_step() "
+                            "(cptoy.heads.CPHeads, cptoy.firsttoken.FirstTokenHeads)")
     return routing
 
 

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from cptoy._checks import check_positive_int
 from cptoy.cp import CPDist
-from cptoy.heads import DraftingHeads, DraftStep, MTPModel, _sample_index, read_torch_file
+from cptoy.heads import DraftingHeads, DraftStep, MTPModel, read_torch_file
 from cptoy.model import GPT, GPTConfig
 
 FORMAT = "cptoy-first-token-heads"  # the "format" entry of a first-token-heads checkpoint
@@ -107,13 +107,14 @@ class FirstTokenHeads(DraftingHeads):
         return self
 
     # ------------------------------------------------------------------ logits
-    def _features(self, h: torch.Tensor, first: torch.Tensor, k: int) -> torch.Tensor:
-        """X (N, k, d) = h + silu(W_j [h; E x_1] + b_j) for positions 2..k+1."""
+    def _features(self, h: torch.Tensor, first, k: int, w=None) -> torch.Tensor:
+        """X (N, k, d) = h + silu(W_j [h; E x_1] + b_j) for positions 2..k+1; ``first`` (N,)
+        or one int; ``w`` = (W, b) rows of these positions (default: sliced, differentiable)."""
+        d = self.d_model
+        W, b = w if w is not None else (self.weight[: k * d], self.bias[: k * d])
         e = self.embedding[first]  # (N, d), or (d,) for one int x_1
         inp = torch.cat([h, e.expand(h.shape[0], -1)], dim=-1)  # (N, 2d)
-        d = self.d_model
-        pre = F.linear(inp, self.weight[: k * d], self.bias[: k * d])  # (N, k d)
-        return h.unsqueeze(1) + F.silu(pre).view(h.shape[0], k, d)
+        return h.unsqueeze(1) + F.silu(F.linear(inp, W, b)).view(h.shape[0], k, d)
 
     def logits(self, hidden: torch.Tensor, first_tokens: torch.Tensor,
                n_draft: int | None = None) -> torch.Tensor:
@@ -124,7 +125,7 @@ class FirstTokenHeads(DraftingHeads):
 
     def _step_tables(self) -> dict:
         """U's (shortlist) rows transposed (d, K), cached until a weight or the shortlist
-        changes (and :meth:`draft_step`'s weight views per k)."""
+        changes (and the weight rows of each k, as views)."""
         U, S = self.unembedding, self._draft_vocab
         key = tuple((t.data_ptr(), t._version) for t in (U, self.weight, self.bias)) + (
             () if S is None else (S.data_ptr(), S._version))
@@ -136,8 +137,13 @@ class FirstTokenHeads(DraftingHeads):
         return self._tables[1]
 
     def _draft_logits(self, h: torch.Tensor, first, k: int) -> torch.Tensor:
-        """(N, k, K or V) float32 logits over the drafting space, without gradients."""
-        return (self._features(h, first, k) @ self._step_tables()["UT"]).float()
+        """(N, k, K or V) logits over the drafting space (call without gradients)."""
+        tb = self._step_tables()
+        w = tb.get(k)
+        if w is None:  # this k's weight rows, as views (slicing every step costs time)
+            w = tb[k] = (self.weight.detach()[: k * self.d_model],
+                         self.bias.detach()[: k * self.d_model])
+        return self._features(h, first, k, w) @ tb["UT"]
 
     # ------------------------------------------------------------------ drafting
     def draft(self, hidden: torch.Tensor, first_tokens: torch.Tensor, temperature: float,
@@ -148,7 +154,7 @@ class FirstTokenHeads(DraftingHeads):
         one is set (V entries, -inf outside it; ``compact=True``: K entries)."""
         hidden, first, T, k = self._check_draft_args(hidden, first_tokens, temperature, n_draft)
         with torch.no_grad():
-            z = self._draft_logits(hidden, first, k)  # (B, k, K)
+            z = self._draft_logits(hidden, first, k).float()  # (B, k, K)
         if T > 0 and T != 1.0:
             z = z / T
         lf = self._to_vocab(torch.log_softmax(z, dim=-1), compact).unsqueeze(2)  # (B, k, 1, K)
@@ -163,22 +169,7 @@ class FirstTokenHeads(DraftingHeads):
         if torch.is_grad_enabled():
             with torch.no_grad():
                 return self.draft_step(hidden, x1, k, temperature, generator, routing)
-        tb = self._step_tables()
-        w = tb.get(k)
-        if w is None:  # this k's weight rows, as views (cached with the tables)
-            w = tb[k] = (self.weight[: k * self.d_model], self.bias[: k * self.d_model])
-        inp = torch.cat([hidden, self.embedding[x1].unsqueeze(0)], dim=1)  # (1, 2d)
-        X = F.silu(F.linear(inp, w[0], w[1])).view(k, -1) + hidden  # (k, d)
-        z = X @ tb["UT"]  # (k, K): the same numbers as _draft_logits, fewer operations
-        if temperature == 0:
-            return DraftStep(z.argmax(-1).tolist(), None, self._draft_vocab, None, logits=z,
-                             vocab_list=self._draft_vocab_list)
-        probs = torch.softmax(z / temperature if temperature != 1.0 else z, dim=-1,
-                              dtype=torch.float64)  # (k, K)
-        idx, drafts = _sample_index(probs, generator)
-        return DraftStep(drafts, None, self._draft_vocab, None, probs=probs,
-                         q_at=probs.gather(1, idx).view(-1).tolist(),
-                         vocab_list=self._draft_vocab_list)
+        return self._factor_step(self._draft_logits(hidden, x1, k)[0], temperature, generator)
 
 
 class FirstTokenModel(nn.Module):

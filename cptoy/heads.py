@@ -325,9 +325,10 @@ class DraftingHeads(nn.Module):
 
         With a shortlist, drafting (``draft``, ``draft_step``, and for CP heads
         ``draft_posterior``) multiplies by the K rows of the unembedding (and of B) instead of
-        all V, and every drafted factor is a softmax over the shortlist (zero elsewhere). Drafts are still verified by the backbone, so decoding stays
-        lossless; only tokens outside the shortlist can no longer be drafted. Training and
-        :meth:`forward` are unaffected. See :func:`frequency_shortlist`.
+        all V, and every drafted factor is a softmax over the shortlist (zero elsewhere).
+        Drafts are still verified by the backbone, so decoding stays lossless; only tokens
+        outside the shortlist can no longer be drafted. Training and :meth:`forward` are
+        unaffected. See :func:`frequency_shortlist`.
         """
         self._tables = None  # drafting tables are rebuilt for the new shortlist
         if token_ids is None:
@@ -349,6 +350,21 @@ class DraftingHeads(nn.Module):
         self._draft_vocab = ids.to(self.unembedding.device)
         self._draft_vocab_list = ids.tolist()
         return self
+
+    def _factor_step(self, z: torch.Tensor, temperature: float, generator, expert=None,
+                     log_posterior=None) -> DraftStep:
+        """The :class:`DraftStep` of drafts from ONE factor per position, logits z (k, K): each
+        position's argmax at T = 0 (q, the untempered factor, is only built if asked for),
+        else a draw from softmax(z / T), which is also q."""
+        if temperature == 0:
+            return DraftStep(z.argmax(-1).tolist(), expert, self._draft_vocab, log_posterior,
+                             logits=z, vocab_list=self._draft_vocab_list)
+        probs = torch.softmax(z / temperature if temperature != 1.0 else z, dim=-1,
+                              dtype=torch.float64)  # (k, K)
+        idx, drafts = _sample_index(probs, generator)  # (k, 1), k ints
+        return DraftStep(drafts, expert, self._draft_vocab, log_posterior, probs=probs,
+                         q_at=probs.gather(1, idx).view(-1).tolist(),
+                         vocab_list=self._draft_vocab_list)
 
     def _to_vocab(self, lf: torch.Tensor, compact: bool = False) -> torch.Tensor:
         """Shortlist log-probabilities (..., K) -> (..., V) with -inf outside the shortlist."""
@@ -817,14 +833,7 @@ class CPHeads(DraftingHeads):
                           _sample_index(torch.softmax(log_post, -1)[None], generator)[1][0])
         if self.rank == 1 or routing == "expert":
             z = self._expert_logits(hidden, expert or 0, 1, k + 1)[0]  # (k, K)
-            if temperature == 0:  # q (the untempered factor) is only built if asked for
-                return DraftStep(z.argmax(-1).tolist(), expert, self._draft_vocab, log_post,
-                                 logits=z, vocab_list=self._draft_vocab_list)
-            probs = torch.softmax(z / t if t != 1.0 else z, dim=-1, dtype=torch.float64)
-            idx, drafts = _sample_index(probs, generator)  # (k, 1), k ints
-            return DraftStep(drafts, expert, self._draft_vocab, log_post,
-                             probs=probs, q_at=probs.gather(1, idx).view(-1).tolist(),
-                             vocab_list=self._draft_vocab_list)
+            return self._factor_step(z, temperature, generator, expert, log_post)
         # mixture routing, rank > 1: every expert's factors at positions 2..k+1
         z = self._draft_logits(*self._features(hidden, k + 1, start=1))[0].double()  # (k,r,K)
         lf = torch.log_softmax(z / t if t != 1.0 else z, dim=-1)

@@ -212,21 +212,3 @@ def record_check_metrics(path: str, corpus: str) -> dict:
 
 
 DRAFT_VOCAB = 512  # shortlist size of the shipped checkpoints (bench/speculative.py measures it)
-
-
-def add_draft_shortlist(path: str, corpus: str, size: int = DRAFT_VOCAB) -> list[int]:
-    """Store a drafting shortlist (the ``size`` most frequent tokens of the corpus's training
-    split, ``cptoy.heads.frequency_shortlist``) in an existing checkpoint; weights, metrics and
-    extras are kept as they are (a half-precision file stays half precision)."""
-    from cptoy.data import tokenizer_from_dict
-    from cptoy.heads import MTPModel, frequency_shortlist
-
-    model = MTPModel.load(path)
-    tok = tokenizer_from_dict(model.tokenizer_dict)
-    ckpt = MTPModel.read_checkpoint(path)
-    half = any(v.dtype == torch.float16 for v in ckpt["state_dict"].values())
-    train_ids = encode_corpus(load_corpus(corpus), tok).train_ids
-    model.heads.set_draft_vocab(frequency_shortlist(train_ids, model.config.vocab_size, size))
-    model.save(path, tokenizer=tok, metrics=model.metrics,
-               dtype=torch.float16 if half else torch.float32, extra=model.extra)
-    return model.heads.draft_vocab.tolist()
