@@ -1,11 +1,17 @@
-"""The GPT backbone: a small pre-LN decoder with a KV cache, in the style of nanoGPT's model.py.
+"""The GPT backbone: a pre-norm decoder with a KV cache, in the style of nanoGPT's model.py.
 
-One readable file. The model returns *hidden states* (after the final LayerNorm); ``logits``
-turns them into next-token logits through the tied token embedding, and the CP heads of
-``cptoy.heads`` read the same hidden states and share ``unembedding``.
+One readable file, one model class for two families. GPT-2 and the toys use LayerNorm,
+learned positions, a GELU MLP and one key/value head per query head; the LLaMA family
+(SmolLM2, ``cptoy.pretrained``) uses RMSNorm, rotary positions, a SwiGLU MLP and grouped-query
+attention (fewer key/value heads than query heads). Each choice is a :class:`GPTConfig` field.
+
+The model returns *hidden states* (after the final norm); ``logits`` turns them into
+next-token logits through the unembedding (tied to the token embedding unless
+``tie_embeddings=False``), and the CP heads of ``cptoy.heads`` read the same hidden states and
+share ``unembedding``.
 
 Shapes: B batch, T new tokens, L tokens already in the cache, C = n_embd, h = n_head,
-D = head_dim = C // h, V = vocab_size.
+g = n_kv_head (key/value heads), D = head_dim = C // h, V = vocab_size.
 
 The KV cache is what self-speculative decoding needs: one forward over several drafted tokens
 (T > 1) on top of a cache, and a rollback (``KVCache.truncate``) to the accepted prefix.
@@ -41,7 +47,22 @@ PRESETS: dict[str, dict] = {
     "small": dict(vocab_size=256, block_size=256, n_layer=6, n_head=6, n_embd=384),
     # GPT-2 small (124M): the shape of the OpenAI checkpoint, see GPT.from_hf
     "gpt2": dict(vocab_size=50257, block_size=1024, n_layer=12, n_head=12, n_embd=768),
+    # SmolLM2-135M (LLaMA architecture; weights from its GGUF file, see cptoy.pretrained)
+    "smollm2-135m": dict(
+        vocab_size=49152, block_size=8192, n_layer=30, n_head=9, n_embd=576, n_kv_head=3,
+        bias=False, norm="rmsnorm", norm_eps=1e-5, positions="rotary", rope_base=100000.0,
+        mlp="swiglu", mlp_hidden=1536,
+    ),
+    # the LLaMA shape at test size: builds and runs in milliseconds
+    "tiny-llama": dict(
+        vocab_size=256, block_size=64, n_layer=2, n_head=4, n_embd=32, n_kv_head=2, bias=False,
+        norm="rmsnorm", positions="rotary", mlp="swiglu", mlp_hidden=64,
+    ),
 }
+
+NORMS = ("layernorm", "rmsnorm")
+POSITIONS = ("learned", "rotary")
+MLPS = ("gelu", "swiglu")
 
 
 @dataclass
@@ -54,7 +75,15 @@ class GPTConfig:
     n_head: int  # attention heads per block; must divide n_embd
     n_embd: int  # width C of the residual stream (head_dim = n_embd // n_head)
     dropout: float = 0.0  # dropout on embeddings, attention weights and residual branches
-    bias: bool = True  # biases in Linear layers and LayerNorms (GPT-2 has them)
+    bias: bool = True  # biases in Linear layers and LayerNorms (GPT-2 has them, LLaMA not)
+    n_kv_head: int | None = None  # key/value heads (grouped-query attention); None = n_head
+    norm: str = "layernorm"  # "layernorm" (GPT-2) or "rmsnorm" (LLaMA)
+    norm_eps: float = 1e-5  # epsilon of every norm
+    positions: str = "learned"  # "learned" (a position embedding) or "rotary" (RoPE on q, k)
+    rope_base: float = 10000.0  # rotary base (theta); used only with positions="rotary"
+    mlp: str = "gelu"  # "gelu" (GPT-2, tanh approximation) or "swiglu" (LLaMA)
+    mlp_hidden: int | None = None  # MLP width; None = 4 * n_embd
+    tie_embeddings: bool = True  # unembedding = token embedding (else a separate lm_head)
 
     def __post_init__(self):
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
@@ -62,6 +91,30 @@ class GPTConfig:
         if self.n_embd % self.n_head != 0:
             raise ValueError(
                 f"GPTConfig.n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})"
+            )
+        if self.n_kv_head is not None:
+            check_positive_int(self.n_kv_head, "GPTConfig.n_kv_head")
+            if self.n_head % self.n_kv_head != 0:
+                raise ValueError(
+                    f"GPTConfig.n_head ({self.n_head}) must be divisible by n_kv_head "
+                    f"({self.n_kv_head})"
+                )
+        if self.mlp_hidden is not None:
+            check_positive_int(self.mlp_hidden, "GPTConfig.mlp_hidden")
+        for name, allowed in (("norm", NORMS), ("positions", POSITIONS), ("mlp", MLPS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(
+                    f"GPTConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}"
+                )
+        for name in ("norm_eps", "rope_base"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+                raise ValueError(f"GPTConfig.{name} must be a number > 0, got {v!r}")
+        if self.positions == "rotary" and self.head_dim % 2:
+            raise ValueError(f"rotary positions need an even head_dim, got {self.head_dim}")
+        if not isinstance(self.tie_embeddings, bool):
+            raise TypeError(
+                f"GPTConfig.tie_embeddings must be a bool, got {type(self.tie_embeddings).__name__}"
             )
         if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)):
             raise TypeError(f"GPTConfig.dropout must be a float, got {type(self.dropout).__name__}")
@@ -74,9 +127,20 @@ class GPTConfig:
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
 
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads g (= n_head unless grouped-query attention)."""
+        return self.n_head if self.n_kv_head is None else self.n_kv_head
+
+    @property
+    def hidden_dim(self) -> int:
+        """Width of the MLP's hidden layer."""
+        return 4 * self.n_embd if self.mlp_hidden is None else self.mlp_hidden
+
     @classmethod
     def preset(cls, name: str, **overrides) -> GPTConfig:
-        """A named size (``"tiny"``, ``"toy"``, ``"small"``, ``"gpt2"``) with fields overridden."""
+        """A named size (``"tiny"``, ``"toy"``, ``"small"``, ``"gpt2"``, ``"smollm2-135m"``,
+        ``"tiny-llama"``) with fields overridden."""
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; expected one of {sorted(PRESETS)}")
         known = {f.name for f in fields(cls)}
@@ -95,7 +159,8 @@ class GPTConfig:
 
 
 class KVCache:
-    """Keys and values of every layer for the tokens seen so far, shape (B, h, L, D) each.
+    """Keys and values of every layer for the tokens seen so far, shape (B, g, L, D) each
+    (g = key/value heads; rotary keys are stored already rotated).
 
     Storage is allocated on the first write (device and dtype of the first keys) and grows by
     doubling up to ``max_length`` (the model's block size). ``length`` is the number of valid
@@ -128,10 +193,6 @@ class KVCache:
             )
         self.length = length
 
-    def reset(self) -> None:
-        """Forget everything (keeps the allocated storage)."""
-        self.length = 0
-
     def _ensure(self, layer: int, needed: int, like: torch.Tensor) -> None:
         k = self._k[layer]
         if k is not None and k.shape[2] >= needed:
@@ -149,8 +210,8 @@ class KVCache:
     def update(
         self, layer: int, k: torch.Tensor, v: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write the new keys/values (B, h, T, D) of ``layer`` at positions length .. length+T-1
-        and return all of them, (B, h, length + T, D). ``length`` itself moves on in
+        """Write the new keys/values (B, g, T, D) of ``layer`` at positions length .. length+T-1
+        and return all of them, (B, g, length + T, D). ``length`` itself moves on in
         :meth:`advance` once every layer has written."""
         T = k.shape[2]
         end = self.length + T
@@ -177,28 +238,63 @@ class KVCache:
 # ----------------------------------------------------------------------------- blocks
 
 
+def make_norm(config: GPTConfig) -> nn.Module:
+    """The config's norm over the channel dimension: LayerNorm (GPT-2) or RMSNorm (LLaMA)."""
+    if config.norm == "rmsnorm":
+        return nn.RMSNorm(config.n_embd, eps=config.norm_eps)
+    return nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias)
+
+
+class Rotary(nn.Module):
+    """Rotary position embedding (RoFormer; LLaMA's half-split layout): channel i of a head is
+    rotated together with channel i + D/2 by the angle pos * base^(-2i/D)."""
+
+    def __init__(self, head_dim: int, base: float, max_length: int):
+        super().__init__()
+        inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+        angles = torch.outer(torch.arange(max_length, dtype=torch.float64), inv_freq)  # (P, D/2)
+        self.register_buffer("cos", angles.cos().float(), persistent=False)  # (P, D/2)
+        self.register_buffer("sin", angles.sin().float(), persistent=False)  # (P, D/2)
+
+    def forward(self, x: torch.Tensor, start: int) -> torch.Tensor:
+        """Rotate x (B, heads, T, D) whose tokens sit at positions start .. start + T - 1."""
+        T, half = x.shape[2], x.shape[3] // 2
+        cos = self.cos[start : start + T].to(x.dtype)  # (T, D/2)
+        sin = self.sin[start : start + T].to(x.dtype)  # (T, D/2)
+        x1, x2 = x[..., :half], x[..., half:]
+        return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.n_head = config.n_head
+        self.n_kv_head = config.kv_heads
+        self.head_dim = config.head_dim
         self.n_embd = config.n_embd
         self.dropout = config.dropout
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v
+        kv_width = self.n_kv_head * self.head_dim
+        self.c_attn = nn.Linear(config.n_embd, config.n_embd + 2 * kv_width, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
 
     def forward(
-        self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0
+        self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0, rotary=None
     ) -> torch.Tensor:
         B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
-        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, h, T, D)
-        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, h, T, D)
-        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, h, T, D)
-        L = 0
+        h, g, D = self.n_head, self.n_kv_head, self.head_dim
+        q, k, v = self.c_attn(x).split([C, g * D, g * D], dim=2)
+        q = q.view(B, T, h, D).transpose(1, 2)  # (B, h, T, D)
+        k = k.view(B, T, g, D).transpose(1, 2)  # (B, g, T, D)
+        v = v.view(B, T, g, D).transpose(1, 2)  # (B, g, T, D)
+        L = 0 if cache is None else cache.length
+        if rotary is not None:
+            q, k = rotary(q, L), rotary(k, L)
         if cache is not None:
-            L = cache.length
-            k, v = cache.update(layer, k, v)  # (B, h, L + T, D)
+            k, v = cache.update(layer, k, v)  # (B, g, L + T, D)
+        if g != h:  # grouped-query attention: each key/value head serves h / g query heads
+            k = k.repeat_interleave(h // g, dim=1)  # (B, h, L + T, D)
+            v = v.repeat_interleave(h // g, dim=1)
         dropout_p = self.dropout if self.training else 0.0
         if L == 0:
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
@@ -215,29 +311,37 @@ class CausalSelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
+    """GELU: c_proj(gelu(c_fc x)). SwiGLU: c_fc computes [gate; up] in one matmul, then
+    c_proj(silu(gate) * up)."""
+
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.swiglu = config.mlp == "swiglu"
+        hidden = config.hidden_dim
+        self.c_fc = nn.Linear(config.n_embd, (2 if self.swiglu else 1) * hidden, bias=config.bias)
         self.gelu = nn.GELU(approximate="tanh")  # GPT-2's "gelu_new"
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.swiglu:
+            gate, up = self.c_fc(x).chunk(2, dim=-1)  # (B, T, hidden) each
+            return self.dropout(self.c_proj(F.silu(gate) * up))
         return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
 
 
 class Block(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_1 = make_norm(config)
         self.attn = CausalSelfAttention(config)
-        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_2 = make_norm(config)
         self.mlp = MLP(config)
 
     def forward(
-        self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0
+        self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0, rotary=None
     ) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), cache, layer)
+        x = x + self.attn(self.ln_1(x), cache, layer, rotary)
         x = x + self.mlp(self.ln_2(x))
         return x
 
@@ -246,18 +350,23 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    """Pre-LN decoder-only transformer. ``forward`` returns hidden states, not logits."""
+    """Pre-norm decoder-only transformer. ``forward`` returns hidden states, not logits."""
 
     def __init__(self, config: GPTConfig):
         super().__init__()
         if not isinstance(config, GPTConfig):
             raise TypeError(f"config must be a GPTConfig, got {type(config).__name__}")
         self.config = config
-        self.wte = nn.Embedding(config.vocab_size, config.n_embd)  # token embedding = unembedding
-        self.wpe = nn.Embedding(config.block_size, config.n_embd)  # learned positions
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)  # token embedding
+        if config.positions == "learned":
+            self.wpe = nn.Embedding(config.block_size, config.n_embd)  # learned positions
+        else:
+            self.rotary = Rotary(config.head_dim, config.rope_base, config.block_size)
         self.drop = nn.Dropout(config.dropout)
         self.h = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
-        self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_f = make_norm(config)
+        if not config.tie_embeddings:
+            self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
 
         # nanoGPT init: N(0, 0.02) everywhere, zero biases, and the projections that write into
         # the residual stream scaled down by sqrt(2 * n_layer) (GPT-2 paper).
@@ -278,8 +387,8 @@ class GPT(nn.Module):
     # ------------------------------------------------------------------ basics
     @property
     def unembedding(self) -> nn.Parameter:
-        """The (V, C) output matrix, tied to the token embedding and shared with the CP heads."""
-        return self.wte.weight
+        """The (V, C) output matrix (the token embedding when tied), shared with the CP heads."""
+        return self.wte.weight if self.config.tie_embeddings else self.lm_head.weight
 
     def num_params(self, non_embedding: bool = False) -> int:
         """Number of parameters (the tied embedding counted once).
@@ -288,17 +397,19 @@ class GPT(nn.Module):
         al. convention; nanoGPT leaves out only the positions)."""
         n = sum(p.numel() for p in self.parameters())
         if non_embedding:
-            n -= self.wte.weight.numel() + self.wpe.weight.numel()
+            n -= self.wte.weight.numel()
+            if self.config.positions == "learned":
+                n -= self.wpe.weight.numel()
         return n
 
     def new_cache(self, batch_size: int = 1) -> KVCache:
         """An empty KV cache for this model (allocated lazily on the first forward)."""
         c = self.config
-        return KVCache(c.n_layer, batch_size, c.n_head, c.head_dim, c.block_size)
+        return KVCache(c.n_layer, batch_size, c.kv_heads, c.head_dim, c.block_size)
 
     # ------------------------------------------------------------------ forward
     def forward(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        """Hidden states after the final LayerNorm.
+        """Hidden states after the final norm.
 
         idx: (B, T) token ids. With ``cache`` (holding L tokens) the new tokens take positions
         L .. L+T-1, attend to the cache and causally to each other, and their keys/values are
@@ -324,7 +435,8 @@ class GPT(nn.Module):
                 raise TypeError(f"cache must be a KVCache, got {type(cache).__name__}")
             if cache.batch_size != B:
                 raise ValueError(f"cache has batch_size {cache.batch_size} but idx has B = {B}")
-            if cache.n_layer != self.config.n_layer or cache.head_dim != self.config.head_dim:
+            c = self.config
+            if (cache.n_layer, cache.n_head, cache.head_dim) != (c.n_layer, c.kv_heads, c.head_dim):
                 raise ValueError("cache was made for a different model (use model.new_cache())")
             L = cache.length
         if L + T > self.config.block_size:
@@ -332,17 +444,22 @@ class GPT(nn.Module):
             raise ValueError(
                 f"{what}: {L} cached + {T} new tokens > block_size {self.config.block_size}"
             )
-        pos = torch.arange(L, L + T, dtype=torch.long, device=idx.device)  # (T,)
-        x = self.drop(self.wte(idx) + self.wpe(pos))  # (B, T, C)
+        x = self.wte(idx)  # (B, T, C)
+        rotary = None
+        if self.config.positions == "learned":
+            x = x + self.wpe(torch.arange(L, L + T, dtype=torch.long, device=idx.device))
+        else:
+            rotary = self.rotary
+        x = self.drop(x)
         for i, block in enumerate(self.h):
-            x = block(x, cache, i)
+            x = block(x, cache, i, rotary)
         if cache is not None:
             cache.advance(T)
         return self.ln_f(x)  # (B, T, C)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Next-token logits (..., V) from hidden states (..., C), through the tied embedding."""
-        return F.linear(hidden, self.wte.weight)
+        """Next-token logits (..., V) from hidden states (..., C), through the unembedding."""
+        return F.linear(hidden, self.unembedding)
 
     @torch.no_grad()
     def generate_greedy(
