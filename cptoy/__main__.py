@@ -6,23 +6,71 @@ Examples::
         --minutes 1 --out runs/code_r4.pt
     python -m cptoy train --corpus code --tokenizer bpe --rank 1 --n-future 4 \\
         --freeze-backbone --init runs/code_r4.pt --steps 300 --out runs/code_r1_heads.pt
-    python -m cptoy sample --ckpt runs/code_r4.pt --prompt "def " --strategy self-spec
+    python -m cptoy sample --ckpt cptoy/checkpoints/code_r8.pt --prompt "def " --strategy self-spec
+    python -m cptoy sample --pretrained smollm2-135m --prompt "def fibonacci(n):" --temperature 0
     python -m cptoy figures --out figures
+
+``python -m cptoy SUBCOMMAND --help`` lists each subcommand's options with their defaults.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import sys
 import time
+
+# ``sample`` generates at most this many tokens unless told otherwise (and never more than fit)
+DEFAULT_MAX_NEW_TOKENS = 200
+
+EXAMPLES = {
+    "train": "python -m cptoy train --corpus code --rank 4 --n-future 4 --preset toy "
+    "--minutes 1 --out runs/demo.pt",
+    "sample": "python -m cptoy sample --ckpt cptoy/checkpoints/code_r8.pt --prompt \"def \" "
+    "--strategy self-spec",
+    "sample-pretrained": "python -m cptoy sample --pretrained smollm2-135m "
+    "--prompt \"def fibonacci(n):\" --temperature 0 --max-new-tokens 32",
+    "figures": "python -m cptoy figures --out figures",
+    "present": "python -m cptoy present --port 8866 --browser",
+}
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the epilog's line breaks; appends "(default: ...)" to every option that has one."""
+
+    def _get_help_string(self, action):
+        help = action.help or ""
+        if (
+            "%(default)" in help
+            or "default:" in help
+            or not action.option_strings
+            or action.required
+            or action.default is None
+            or action.default is False
+            or action.default is argparse.SUPPRESS
+        ):
+            return help
+        return help + " (default: %(default)s)"
+
+
+def _epilog(*names: str) -> str:
+    lines = [f"  {EXAMPLES[n]}" for n in names]
+    return ("example:\n" if len(lines) == 1 else "examples:\n") + "\n".join(lines)
 
 
 def _positive_float(s: str) -> float:
     v = float(s)
     if not v > 0:
         raise argparse.ArgumentTypeError(f"must be > 0, got {s}")
+    return v
+
+
+def _positive_int(s: str) -> int:
+    v = int(s)
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {s}")
     return v
 
 
@@ -36,23 +84,39 @@ def _head_positions(s: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m cptoy", description=__doc__.split("\n")[0])
-    sub = p.add_subparsers(dest="command", required=True)
+    p = argparse.ArgumentParser(
+        prog="python -m cptoy",
+        description="cptoy's command line: train CP heads, sample from a checkpoint or a "
+        "pretrained backbone (autoregressive, self-speculative, prompt lookup), regenerate the "
+        "figures, serve the lecture dashboard.",
+        formatter_class=_HelpFormatter,
+        epilog=_epilog("train", "sample", "sample-pretrained", "figures", "present")
+        + "\n\n`python -m cptoy SUBCOMMAND --help` lists a subcommand's options and defaults.",
+    )
+    sub = p.add_subparsers(dest="command", required=True, metavar="{train,sample,figures,present}")
 
-    t = sub.add_parser("train", help="train a GPT + CP heads (or only heads on a frozen backbone)")
-    t.add_argument("--corpus", choices=["code", "shakespeare", "hmm"], required=True)
+    def add(name, help, examples):
+        return sub.add_parser(name, help=help, description=help[0].upper() + help[1:] + ".",
+                              formatter_class=_HelpFormatter, epilog=_epilog(*examples))
+
+    t = add("train", "train a GPT + CP heads (or only heads on a frozen backbone)", ["train"])
+    t.add_argument("--corpus", choices=["code", "shakespeare", "hmm"], required=True,
+                   help="training corpus (required)")
     t.add_argument(
         "--tokenizer",
         choices=["byte", "bpe"],
         default="byte",
-        help="ignored for hmm (already token ids)",
+        help="tokenizer; ignored for hmm (already token ids)",
     )
     t.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary size")
-    t.add_argument("--max-bytes", type=int, default=None, help="cap on the corpus size")
-    t.add_argument("--rank", type=int, required=True)
-    t.add_argument("--n-future", type=int, required=True)
+    t.add_argument("--max-bytes", type=int, default=None,
+                   help="cap on the corpus size (default: the whole corpus)")
+    t.add_argument("--rank", type=int, required=True, help="CP rank of the heads (required)")
+    t.add_argument("--n-future", type=int, required=True,
+                   help="future tokens modelled by the heads (required)")
     t.add_argument("--preset", default="toy", help="GPTConfig preset: tiny, toy, small, gpt2")
-    t.add_argument("--block-size", type=int, default=None, help="override the preset's block size")
+    t.add_argument("--block-size", type=int, default=None,
+                   help="override the preset's block size (default: the preset's)")
     t.add_argument(
         "--expert-dim",
         type=int,
@@ -63,19 +127,23 @@ def build_parser() -> argparse.ArgumentParser:
         "--head-positions",
         type=_head_positions,
         default=None,
-        help="positions per batch for the head loss: a fraction (0.25) or a count (64)",
+        help="positions per batch for the head loss: a fraction (0.25) or a count (64) "
+        "(default: all)",
     )
-    t.add_argument("--load-balance-coef", type=float, default=0.01)
-    t.add_argument("--joint-weight", type=float, default=1.0)
-    t.add_argument("--minutes", type=_positive_float, default=None)
-    t.add_argument("--steps", type=int, default=None)
-    t.add_argument("--batch-size", type=int, default=16)
-    t.add_argument("--lr", type=float, default=2e-3)
-    t.add_argument("--warmup", type=int, default=50)
-    t.add_argument("--eval-every", type=int, default=200)
-    t.add_argument("--eval-batches", type=int, default=8)
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--device", default="auto")
+    t.add_argument("--load-balance-coef", type=float, default=0.01,
+                   help="weight of the load-balancing loss")
+    t.add_argument("--joint-weight", type=float, default=1.0, help="weight of the joint loss")
+    t.add_argument("--minutes", type=_positive_float, default=None,
+                   help="training time budget (give --minutes, --steps or both)")
+    t.add_argument("--steps", type=int, default=None,
+                   help="optimizer steps (give --minutes, --steps or both)")
+    t.add_argument("--batch-size", type=int, default=16, help="sequences per batch")
+    t.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
+    t.add_argument("--warmup", type=int, default=50, help="learning-rate warm-up steps")
+    t.add_argument("--eval-every", type=int, default=200, help="steps between evaluations")
+    t.add_argument("--eval-batches", type=int, default=8, help="batches per evaluation")
+    t.add_argument("--seed", type=int, default=0, help="random seed")
+    t.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
     t.add_argument("--freeze-backbone", action="store_true", help="train only the heads")
     t.add_argument(
         "--init",
@@ -89,21 +157,34 @@ def build_parser() -> argparse.ArgumentParser:
         help="store a drafting shortlist: the K most frequent training tokens "
         "(cheaper drafting; decoding stays lossless)",
     )
-    t.add_argument("--no-progress", action="store_true")
-    t.add_argument("--out", required=True, help="checkpoint path to write")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.add_argument("--out", required=True, help="checkpoint path to write (required)")
 
-    s = sub.add_parser("sample", help="generate text from a checkpoint")
-    s.add_argument("--ckpt", required=True)
-    s.add_argument("--prompt", default="\n")
-    s.add_argument("--max-new-tokens", type=int, default=200)
-    s.add_argument("--temperature", type=float, default=0.8)
-    s.add_argument("--strategy", choices=["ar", "self-spec", "lookup"], default="ar")
+    s = add("sample", "generate text from a checkpoint or a pretrained backbone",
+            ["sample", "sample-pretrained"])
+    src = s.add_mutually_exclusive_group(required=True)
+    src.add_argument("--ckpt", help="a cptoy checkpoint (.pt); give this or --pretrained")
+    src.add_argument(
+        "--pretrained", metavar="NAME_OR_GGUF",
+        help="a pretrained backbone (e.g. smollm2-135m, or a .gguf path) loaded by "
+        "cptoy.pretrained; no draft heads, so --strategy ar or lookup; give this or --ckpt",
+    )
+    s.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
+    s.add_argument(
+        "--max-new-tokens", type=_positive_int, default=None,
+        help=f"tokens to generate (default: as many as fit the model's context after the "
+        f"prompt, at most {DEFAULT_MAX_NEW_TOKENS}); a larger value is shortened to what fits, "
+        "with a note on stderr",
+    )
+    s.add_argument("--temperature", type=float, default=0.8, help="0 is greedy")
+    s.add_argument("--strategy", choices=["ar", "self-spec", "lookup"], default="ar",
+                   help="autoregressive, self-speculative with the CP heads, or prompt lookup")
     s.add_argument("--routing", choices=["mixture", "expert"], default="mixture",
                    help="self-spec: q = the CP mixture, or one expert drawn from the posterior")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=int, default=0, help="random seed")
 
-    f = sub.add_parser("figures", help="regenerate the static figures")
-    f.add_argument("--out", default="figures")
+    f = add("figures", "regenerate the static figures", ["figures"])
+    f.add_argument("--out", default="figures", help="folder to write the PNG files to")
     sub.add_parser("present", help="serve the lecture dashboard with Voila (see cptoy/present.py)",
                    add_help=False)
     return p
@@ -209,15 +290,31 @@ def cmd_train(args) -> int:
     return 0
 
 
-def cmd_sample(args) -> int:
-    import importlib.util
+def _load_for_sampling(args):
+    """``(model, tokenizer, name)`` for ``sample``: a checkpoint, or a pretrained backbone."""
+    if args.pretrained is not None:
+        if args.strategy == "self-spec":
+            raise SystemExit(
+                "--strategy self-spec needs draft heads; a --pretrained backbone has none "
+                "(use --strategy ar or lookup, or --ckpt with a CP-heads checkpoint)"
+            )
+        import importlib
 
-    import torch
+        import torch
+
+        try:
+            pretrained = importlib.import_module("cptoy.pretrained")
+            model, tok = pretrained.load(args.pretrained, dtype=torch.float32, device="cpu")
+        except (ImportError, FileNotFoundError) as e:  # a missing package or file: say which
+            raise SystemExit(f"--pretrained {args.pretrained}: {e}") from None
+        return model.eval(), tok, args.pretrained
 
     from cptoy.data import tokenizer_from_dict
     from cptoy.firsttoken import FirstTokenModel, is_first_token_checkpoint
     from cptoy.train import load_checkpoint
 
+    if not os.path.isfile(args.ckpt):
+        raise SystemExit(f"--ckpt {args.ckpt}: no such file")
     if is_first_token_checkpoint(args.ckpt):  # heads only; the backbone of a shipped checkpoint
         model = FirstTokenModel.load(args.ckpt).eval()
         tok = tokenizer_from_dict(model.tokenizer_dict) if model.tokenizer_dict else None
@@ -226,55 +323,52 @@ def cmd_sample(args) -> int:
         model, tok = ck.model, ck.tokenizer
     if tok is None:
         raise SystemExit(f"{args.ckpt} carries no tokenizer; cannot encode a prompt")
+    return model, tok, args.ckpt
+
+
+def new_tokens_that_fit(prompt_len: int, block_size: int, requested: int | None) -> int:
+    """How many tokens ``sample`` generates: ``requested`` (default: at most
+    ``DEFAULT_MAX_NEW_TOKENS``), shortened to what fits in ``block_size`` after the prompt.
+
+    Raises SystemExit when the prompt alone fills the block.
+    """
+    room = block_size - prompt_len
+    if room < 1:
+        raise SystemExit(
+            f"the prompt ({prompt_len} tokens) leaves no room in the block size {block_size}; "
+            "shorten the prompt"
+        )
+    if requested is None:
+        return min(DEFAULT_MAX_NEW_TOKENS, room)
+    if requested > room:
+        print(
+            f"note: prompt ({prompt_len} tokens) + --max-new-tokens ({requested}) exceeds the "
+            f"block size {block_size}; generating {room} tokens",
+            file=sys.stderr,
+        )
+        return room
+    return requested
+
+
+def cmd_sample(args) -> int:
+    from cptoy.decoding import generate
+
+    model, tok, _ = _load_for_sampling(args)
     ids = tok.encode(args.prompt)
     if not ids:
         raise SystemExit("the prompt encodes to no tokens")
-    block = model.config.block_size
-    if len(ids) + args.max_new_tokens > block:
-        raise SystemExit(
-            f"prompt ({len(ids)} tokens) + --max-new-tokens ({args.max_new_tokens}) "
-            f"exceeds the block size {block}"
-        )
-    if importlib.util.find_spec("cptoy.decoding") is not None:
-        from cptoy.decoding import generate
-
-        g = generate(
-            model,
-            ids,
-            args.max_new_tokens,
-            temperature=args.temperature,
-            strategy=args.strategy,
-            seed=args.seed,
-            routing=args.routing,
-        )
-        new = list(g.tokens)
-        st = g.stats
-        info = (
-            f"[{args.strategy}, T={args.temperature}: {len(new)} tokens, "
-            f"{st.tokens_per_forward:.2f} tokens/forward, {st.tokens_per_second:.1f} tokens/s]"
-        )
-    else:  # plain autoregressive loop
-        gen = torch.Generator().manual_seed(args.seed)
-        bb = model.backbone
-        cache = bb.new_cache(1)
-        with torch.no_grad():
-            h = bb(torch.tensor([ids]), cache)[:, -1]
-            new = []
-            for _ in range(args.max_new_tokens):
-                logits = bb.logits(h)[0]
-                if args.temperature > 0:
-                    nxt = int(
-                        torch.multinomial(
-                            torch.softmax(logits / args.temperature, -1), 1, generator=gen
-                        )
-                    )
-                else:
-                    nxt = int(logits.argmax())
-                new.append(nxt)
-                h = bb(torch.tensor([[nxt]]), cache)[:, -1]
-        info = f"[ar loop, T={args.temperature}: {len(new)} tokens]"
+    n = new_tokens_that_fit(len(ids), model.config.block_size, args.max_new_tokens)
+    # generate() has no streaming callback: the text is printed once it is complete
+    g = generate(model, ids, n, temperature=args.temperature, strategy=args.strategy,
+                 seed=args.seed, routing=args.routing)
+    new = list(g.tokens)
+    st = g.stats
     print(tok.decode(ids + new))
-    print(info, file=sys.stderr)
+    print(
+        f"[{args.strategy}, T={args.temperature}: {len(new)} tokens, "
+        f"{st.tokens_per_forward:.2f} tokens/forward, {st.tokens_per_second:.1f} tokens/s]",
+        file=sys.stderr,
+    )
     return 0
 
 
@@ -290,6 +384,13 @@ def main(argv=None) -> int:
     if argv[:1] == ["present"]:  # Voila lecture mode has its own options
         from cptoy.present import main as present_main
 
+        if any(a in ("-h", "--help") for a in argv[1:]):  # present's own help, then an example
+            try:
+                present_main(["--help"])
+            except SystemExit:
+                pass
+            print("\n" + _epilog("present"))
+            return 0
         return present_main(argv[1:])
     args = build_parser().parse_args(argv)
     args.argv = argv
