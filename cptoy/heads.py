@@ -936,7 +936,9 @@ class MTPModel(nn.Module):
     """A GPT backbone plus rank-r CP heads over the next ``n_future`` tokens.
 
     Args:
-        config: the backbone's :class:`GPTConfig`.
+        config: the backbone's :class:`GPTConfig` (a new, randomly initialised backbone), or a
+            :class:`GPT` to build the heads on (e.g. ``cptoy.pretrained.load(...)[0]``; used as
+            it is, not copied).
         n_future: n >= 1 future tokens modelled by the heads (position 1 = the next token).
         rank: r >= 1 experts.
         load_balance_coef: weight of the load-balancing loss in ``total``.
@@ -966,8 +968,12 @@ class MTPModel(nn.Module):
         chunk_size: int | None = None,
     ):
         super().__init__()
+        backbone = config if isinstance(config, GPT) else None
+        if backbone is not None:
+            config = backbone.config
         if not isinstance(config, GPTConfig):
-            raise TypeError(f"config must be a GPTConfig, got {type(config).__name__}")
+            raise TypeError(
+                f"config must be a GPTConfig or a GPT backbone, got {type(config).__name__}")
         check_positive_int(n_future, "n_future")
         check_positive_int(rank, "rank")
         check_nonneg_number(load_balance_coef, "load_balance_coef")
@@ -979,7 +985,7 @@ class MTPModel(nn.Module):
         self.joint_weight = float(joint_weight)
         self.expert_dim = expert_dim
         self.seed = seed
-        self.backbone = GPT(config)
+        self.backbone = GPT(config) if backbone is None else backbone
         self.heads = CPHeads(
             config.n_embd,
             config.vocab_size,

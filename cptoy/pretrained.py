@@ -164,13 +164,18 @@ def config_from_gguf(info: GGUFInfo, block_size: int | None = None) -> GPTConfig
         n_kv_head=int(m.get(f"{arch}.attention.head_count_kv", n_head)),
         bias=False,
         norm="rmsnorm",
-        norm_eps=float(get("attention.layer_norm_rms_epsilon")),
+        norm_eps=_f32(get("attention.layer_norm_rms_epsilon")),
         positions="rotary",
-        rope_base=float(m.get(f"{arch}.rope.freq_base", 10000.0)),
+        rope_base=_f32(m.get(f"{arch}.rope.freq_base", 10000.0)),
         mlp="swiglu",
         mlp_hidden=int(get("feed_forward_length")),
         tie_embeddings="output.weight" not in names,
     )
+
+
+def _f32(x) -> float:
+    """A float32 metadata value as the decimal it was written from (1e-5, not 9.99999975e-06)."""
+    return float(f"{float(x):.7g}")
 
 
 def unpermute_rotary(w: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -317,21 +322,28 @@ def chat_prompt(messages, name_or_path="smollm2-135m", add_generation_prompt: bo
 
 
 def quantize_int8(model: GPT) -> GPT:
-    """A copy of ``model`` (float32, CPU) whose block matrices are int8 with dynamic activation
-    quantisation (torch's fbgemm kernels); embedding, norms and unembedding stay float32.
+    """A copy of ``model`` (float32, CPU) whose attention and MLP input matrices are int8 with
+    per-channel weight scales and dynamic activation quantisation (torch's fbgemm kernels).
+
+    The MLP output matrices (``mlp.c_proj``, LLaMA's down projection) stay float32: their
+    inputs carry the large outlier activations that per-tensor activation quantisation cannot
+    represent (quantising them too halves top-1 agreement with float32). Embedding, norms and
+    unembedding stay float32 as well. ``bench/pretrained.py`` measures speed and agreement.
 
     Lossless decoding is defined relative to the model that verifies: speculative decoding on
     the int8 model reproduces the int8 model's own greedy output and distribution, which differ
-    slightly from float32's."""
+    from float32's."""
     import copy
     import warnings
 
-    from torch.ao.quantization import quantize_dynamic
+    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
 
     if not isinstance(model, GPT):
         raise TypeError(f"model must be a cptoy.model.GPT, got {type(model).__name__}")
     q = copy.deepcopy(model).float().cpu()
+    spec = {name: per_channel_dynamic_qconfig for name, mod in q.h.named_modules()
+            if isinstance(mod, torch.nn.Linear) and not name.endswith("mlp.c_proj")}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch deprecates the quantized dtypes (still works)
-        q.h = quantize_dynamic(q.h, {torch.nn.Linear}, dtype=torch.qint8)
+        q.h = quantize_dynamic(q.h, spec, dtype=torch.qint8)
     return q.eval()
