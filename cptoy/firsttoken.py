@@ -117,11 +117,12 @@ class FirstTokenHeads(DraftingHeads):
         return h.unsqueeze(1) + F.silu(F.linear(inp, W, b)).view(h.shape[0], k, d)
 
     def logits(self, hidden: torch.Tensor, first_tokens: torch.Tensor,
-               n_draft: int | None = None) -> torch.Tensor:
+               n_draft: int | None = None, vocab: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (N, k, V) of positions 2..k+1 for hidden (N, d) and x_1 (N,) (differentiable;
-        k = ``n_draft``, default n - 1)."""
+        k = ``n_draft``, default n - 1); with ``vocab`` (K,) token ids only those columns."""
         hidden, first, _, k = self._check_draft_args(hidden, first_tokens, 1.0, n_draft)
-        return self._features(hidden, first, k) @ self.unembedding.t()  # (N, k, V)
+        U = self.unembedding if vocab is None else self.unembedding[vocab]
+        return self._features(hidden, first, k) @ U.t()  # (N, k, V or K)
 
     def _step_tables(self) -> dict:
         """U's (shortlist) rows transposed (d, K), cached until a weight or the shortlist

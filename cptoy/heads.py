@@ -510,19 +510,25 @@ class CPHeads(DraftingHeads):
             C = F.silu(F.linear(h, A, c)).view(-1, k, r, e)  # (N, k, r, e)
         return X, C
 
-    def _logits(self, X: torch.Tensor, C: torch.Tensor | None) -> torch.Tensor:
-        """Factor logits (N, k, r, V) from features (one matmul with U, one with B)."""
-        z = X @ self.unembedding.t().to(X.dtype)  # (N, k, m, V)
+    def _logits(self, X: torch.Tensor, C: torch.Tensor | None, vocab=None) -> torch.Tensor:
+        """Factor logits (N, k, r, V) from features (one matmul with U, one with B); with
+        ``vocab`` (K,) token ids only those columns, (N, k, r, K)."""
+        U = self.unembedding if vocab is None else self.unembedding[vocab]
+        z = X @ U.t().to(X.dtype)  # (N, k, m, V)
         if C is not None:
-            z = z + C @ self.expert_out.t().to(C.dtype)  # (N, k, r, V)
+            B = self.expert_out if vocab is None else self.expert_out[vocab]
+            z = z + C @ B.t().to(C.dtype)  # (N, k, r, V)
         return z.float()
 
-    def factor_logits(self, hidden: torch.Tensor, n_pos: int | None = None) -> torch.Tensor:
-        """Unnormalised factor logits (..., k, r, V) for the first ``n_pos`` (default n) positions."""
+    def factor_logits(self, hidden: torch.Tensor, n_pos: int | None = None,
+                      vocab: torch.Tensor | None = None) -> torch.Tensor:
+        """Unnormalised factor logits (..., k, r, V) for the first ``n_pos`` (default n)
+        positions; with ``vocab`` (K,) int64 token ids only those columns, (..., k, r, K)
+        (training over a shortlist, see ``cptoy.headtrain``)."""
         hidden = self._check_hidden(hidden)
         lead = hidden.shape[:-1]
         X, C = self._features(hidden.reshape(-1, self.d_model), n_pos)
-        z = self._logits(X, C)
+        z = self._logits(X, C, vocab)
         return z.view(lead + z.shape[1:])
 
     # ------------------------------------------------------------------ distributions
