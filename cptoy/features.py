@@ -136,13 +136,22 @@ def build_feature_cache(model, windows: list[list[int]], name: str, topk: int = 
     if not mine:
         raise ValueError(f"no windows for shard {shard} ({len(windows)} windows in all)")
     h = hashlib.blake2b(digest_size=8)
-    h.update(str(getattr(model, "source", model.config)).encode())
+    source = getattr(model, "source", None)
+    h.update(str(model.config if source is None else source).encode())
+    if source is None:  # no file names the weights: hash the weights themselves
+        for p in model.parameters():
+            h.update(p.detach().float().cpu().numpy().tobytes())
     for w in mine:
         h.update(np.asarray(w, dtype=np.int32).tobytes())
-    path = Path(path) if path is not None else (
-        feature_cache_dir() / f"{name}-k{topk}-{rank}of{world}-{h.hexdigest()}")
+    key = f"k{topk}-{rank}of{world}-{h.hexdigest()}"
+    path = Path(path) if path is not None else feature_cache_dir() / f"{name}-{key}"
     if (path / "meta.json").is_file():
-        return FeatureCache.open(path)
+        cache = FeatureCache.open(path)
+        if cache.meta.get("key", key) != key:
+            raise ValueError(f"{str(path)!r} holds another feature cache (key "
+                             f"{cache.meta['key']}, not {key}: other windows, backbone, topk "
+                             f"or shard); give another path or delete it")
+        return cache
     path.mkdir(parents=True, exist_ok=True)
     d, N = model.config.n_embd, sum(len(w) for w in mine)
     files = dict(hidden=("hidden.f16", np.float16, (N, d)), ids=("ids.i32", np.int32, (N,)),
@@ -170,7 +179,7 @@ def build_feature_cache(model, windows: list[list[int]], name: str, topk: int = 
         a.flush()
     seconds = time.perf_counter() - t0
     meta = dict(num_tokens=N, d_model=d, topk=topk, window=max(len(w) for w in mine),
-                window_ends=ends, name=name, shard=[rank, world], seconds=seconds,
+                window_ends=ends, name=name, key=key, shard=[rank, world], seconds=seconds,
                 tokens_per_s=N / max(seconds, 1e-9), source=str(getattr(model, "source", "")),
                 created=time.time())
     tmp = path / "meta.json.tmp"

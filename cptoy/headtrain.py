@@ -37,7 +37,7 @@ from cptoy._checks import check_positive_int
 from cptoy.features import FeatureCache
 
 __all__ = ["HeadTrainConfig", "Batch", "OBJECTIVES", "shortlist_from_cache", "sample_batch",
-           "head_loss", "HeadObjective", "train_heads", "cached_acceptance"]
+           "batch_schedule", "head_loss", "HeadObjective", "train_heads", "cached_acceptance"]
 
 OBJECTIVES = ("ce", "top1", "kl")
 
@@ -103,6 +103,29 @@ def sample_batch(cache: FeatureCache, t: np.ndarray, n_future: int,
     )
 
 
+def batch_schedule(cache: FeatureCache, n_future: int, cfg: HeadTrainConfig):
+    """The cache indices of every step's batch, as :func:`train_heads` draws them: an endless
+    generator of sorted (B,) int64 arrays, B = ``cfg.batch_size`` (fewer when the cache has
+    fewer positions). Positions (:meth:`FeatureCache.positions`) are visited in a random order
+    from ``np.random.default_rng(cfg.seed)``, a new permutation whenever the rest of the current
+    one cannot fill a batch. Under torchrun every process runs this on its own shard."""
+    positions = cache.positions(n_future)
+    if len(positions) == 0:
+        raise ValueError(f"the cache has no position with {n_future} future tokens inside its "
+                         f"window (windows of {cache.window} tokens or fewer)")
+    gen = np.random.default_rng(cfg.seed)
+
+    def schedule():
+        order, cursor = gen.permutation(positions), 0
+        while True:
+            if cursor + cfg.batch_size > len(order):
+                order, cursor = gen.permutation(positions), 0
+            yield np.sort(order[cursor : cursor + cfg.batch_size])
+            cursor += cfg.batch_size
+
+    return schedule()
+
+
 def _columns(shortlist: torch.Tensor, y: torch.Tensor):
     """Columns to compute: the shortlist, then the batch's targets outside it (their logits
     are needed for the posterior gate, not as targets). Returns (cols (K + E,), y's column
@@ -121,15 +144,15 @@ def _soft_targets(batch: Batch, shortlist: torch.Tensor, objective: str, inside,
     B, n = batch.y.shape
     K = shortlist.numel()
     if objective == "ce":
-        tgt = torch.zeros(B, n, K)
+        tgt = torch.zeros(B, n, K, device=batch.y.device)
         tgt.scatter_(-1, col.clamp(max=K - 1)[..., None], 1.0)
         return tgt, inside
-    ids = batch.top_ids[..., :1] if objective == "top1" else batch.top_ids  # (B, n, k)
+    ids = (batch.top_ids[..., :1] if objective == "top1" else batch.top_ids).contiguous()
     pos = torch.searchsorted(shortlist, ids)
     ok = (pos < K) & (shortlist[pos.clamp(max=K - 1)] == ids)
     w = batch.top_logp[..., : ids.shape[-1]].exp() * ok  # (B, n, k)
     mass = w.sum(-1)  # (B, n)
-    tgt = torch.zeros(B, n, K).scatter_add_(-1, pos.clamp(max=K - 1), w)
+    tgt = torch.zeros(B, n, K, device=w.device).scatter_add_(-1, pos.clamp(max=K - 1), w)
     return tgt / mass.clamp(min=1e-12)[..., None], mass > 0
 
 
@@ -221,8 +244,9 @@ def train_heads(model, cache: FeatureCache, cfg: HeadTrainConfig,
         shortlist = model.heads.draft_vocab
         if shortlist is None:
             raise ValueError("give a shortlist or set model.heads.set_draft_vocab(...) first")
-    shortlist = shortlist.detach().cpu().long()
     heads = model.heads
+    device = next(heads.parameters()).device
+    shortlist = shortlist.detach().to(device, torch.long)
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     rank = torch.distributed.get_rank() if distributed else 0
     objective = HeadObjective(heads, shortlist, cfg.objective, cfg.load_balance_coef)
@@ -232,9 +256,7 @@ def train_heads(model, cache: FeatureCache, cfg: HeadTrainConfig,
         objective = DistributedDataParallel(objective)
     params = [p for p in heads.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    positions = cache.positions(model.n_future)
-    gen = np.random.default_rng(cfg.seed)
-    order, cursor = gen.permutation(positions), 0
+    batches = batch_schedule(cache, model.n_future, cfg)
     hist = {"step": [], "loss": [], "seconds": 0.0, "positions_seen": 0, "config": asdict(cfg)}
     total_steps = cfg.steps or 1 << 30
     bar = tqdm(total=cfg.steps, unit="step", desc=f"heads ({cfg.objective})",
@@ -246,11 +268,8 @@ def train_heads(model, cache: FeatureCache, cfg: HeadTrainConfig,
         if cfg.minutes is not None and elapsed > 60 * cfg.minutes:
             break
         frac = step / total_steps if cfg.steps else elapsed / (60 * cfg.minutes)
-        if cursor + cfg.batch_size > len(order):
-            order, cursor = gen.permutation(positions), 0
-        t = np.sort(order[cursor : cursor + cfg.batch_size])
-        cursor += cfg.batch_size
-        batch = sample_batch(cache, t, model.n_future)
+        t = next(batches)
+        batch = sample_batch(cache, t, model.n_future, device)
         for g in opt.param_groups:
             g["lr"] = _lr(cfg, step, frac)
         out = objective(batch.h, batch.y, batch.top_ids, batch.top_logp)
@@ -260,10 +279,11 @@ def train_heads(model, cache: FeatureCache, cfg: HeadTrainConfig,
         opt.step()
         step += 1
         hist["step"].append(step)
-        hist["loss"].append(float(out["loss"]))
+        loss = out["loss"].item()
+        hist["loss"].append(loss)
         hist["positions_seen"] += len(t)
         bar.update(1)
-        bar.set_postfix(loss=f"{float(out['loss']):.3f}",
+        bar.set_postfix(loss=f"{loss:.3f}",
                         ctx_per_s=f"{hist['positions_seen'] / (time.perf_counter() - t0):.0f}")
     bar.close()
     heads.eval()
@@ -282,19 +302,25 @@ def cached_acceptance(model, cache: FeatureCache, shortlist: torch.Tensor | None
     ``acceptance`` (conditional, per j), ``positions``."""
     if shortlist is None:
         shortlist = model.heads.draft_vocab
+        if shortlist is None:  # no drafting shortlist: the whole vocabulary
+            shortlist = torch.arange(model.heads.vocab_size)
+    device = next(model.heads.parameters()).device
+    shortlist = torch.as_tensor(shortlist).detach().to(device, torch.long)
     n = model.n_future
     t_all = cache.positions(n)
+    if len(t_all) == 0:
+        raise ValueError(f"the cache has no position with {n} future tokens inside its window")
     if len(t_all) > max_positions:
         t_all = t_all[np.linspace(0, len(t_all) - 1, max_positions).astype(np.int64)]
     hits = []
     for lo in range(0, len(t_all), batch_size):
-        b = sample_batch(cache, t_all[lo : lo + batch_size], n)
+        b = sample_batch(cache, t_all[lo : lo + batch_size], n, device)
         if hasattr(model.heads, "gate_log_probs"):
             logq = cp_conditionals(model.heads, b, shortlist)[0][:, 1:]  # (B, n - 1, K)
         else:
             logq = first_token_conditionals(model.heads, b, shortlist)
         draft = shortlist[logq.argmax(-1)]  # (B, n - 1)
-        hits.append((draft == b.top_ids[:, 1:, 0]).long().cumprod(1))
+        hits.append((draft == b.top_ids[:, 1:, 0]).long().cumprod(1).cpu())
     H = torch.cat(hits).double()
     prefix = H.mean(0).tolist()
     acc, prev = [], 1.0
@@ -410,6 +436,7 @@ def main(argv=None) -> None:
     """``python -m cptoy.headtrain``: cache the backbone's features (once), train heads, save."""
     import argparse
     import json
+    import os
     import shlex
     import sys
 
@@ -465,7 +492,9 @@ def main(argv=None) -> None:
                    seconds=hist["seconds"], train_loss_last100=float(np.mean(hist["loss"][-100:])),
                    objective=a.objective, train_tokens=cache.num_tokens,
                    val_windows=a.val_windows)
-    save_heads(model, a.out, name, metrics,
+    # the name load_heads reloads the backbone by: the known name, or the GGUF file's path
+    backbone_name = name if name != "gguf" else os.path.abspath(a.pretrained)
+    save_heads(model, a.out, backbone_name, metrics,
                recipe=dict(command="python -m cptoy.headtrain " + shlex.join(
                    sys.argv[1:] if argv is None else argv), config=asdict(cfg)))
     print(json.dumps(metrics, indent=1, default=float))
