@@ -37,7 +37,8 @@ from cptoy._checks import check_positive_int
 from cptoy.features import FeatureCache
 
 __all__ = ["HeadTrainConfig", "Batch", "OBJECTIVES", "shortlist_from_cache", "sample_batch",
-           "batch_schedule", "head_loss", "HeadObjective", "train_heads", "cached_acceptance"]
+           "batch_schedule", "head_loss", "HeadObjective", "train_heads", "cached_acceptance", "build_heads_model",
+           "save_heads", "load_heads", "is_heads_checkpoint", "concat_caches"]
 
 OBJECTIVES = ("ce", "top1", "kl")
 
@@ -162,15 +163,18 @@ def cp_conditionals(heads, batch: Batch, shortlist: torch.Tensor):
     K = shortlist.numel()
     cols, col, inside = _columns(shortlist, batch.y)
     z = heads.factor_logits(batch.h, vocab=cols)  # (B, n, r, K + E)
-    lse = torch.logsumexp(z[..., :K], dim=-1)  # (B, n, r): normalised over the shortlist
-    lf = z[..., :K] - lse[..., None]  # (B, n, r, K)
+    lf = torch.log_softmax(z[..., :K], dim=-1)  # (B, n, r, K): normalised over the shortlist
+    lse = z[..., 0] - lf[..., 0]  # (B, n, r): the shortlist's log normaliser
     r = z.shape[2]
     lq_y = z.gather(-1, col[:, :, None, None].expand(-1, -1, r, 1)).squeeze(-1) - lse  # (B, n, r)
     lw = heads.gate_log_probs(batch.h)  # (B, r)
     prefix = torch.cumsum(lq_y, dim=1) - lq_y  # (B, n, r): sum over i < j
     post = torch.log_softmax(lw[:, None, :] + prefix, dim=-1)  # (B, n, r) posterior gate
-    logq = torch.logsumexp(post[..., None] + lf, dim=2)  # (B, n, K)
-    return logq, lw, (cols, col, inside)
+    if r == 1:
+        return lf[:, :, 0], lw, (cols, col, inside)
+    # the mixture sum_a w'_a q_a(v) as one batched matmul (a logsumexp over r is 5x slower)
+    q = torch.einsum("bnr,bnrk->bnk", post.exp(), lf.exp())  # (B, n, K)
+    return q.clamp_min(1e-30).log(), lw, (cols, col, inside)
 
 
 def first_token_conditionals(heads, batch: Batch, shortlist: torch.Tensor):
