@@ -492,7 +492,11 @@ def main(argv=None) -> None:
                           batch_size=a.batch_size, lr=a.lr, seed=a.seed)
     print(f"{cache!r}\nheld-out: {val!r}\n{model.heads!r}: {model.heads.num_params():,} params")
     hist = train_heads(model, cache, cfg, progress=not a.no_progress)
-    metrics = dict(val_code=cached_acceptance(model, val), steps=hist["steps"],
+    check = build_feature_cache(backbone, corpus_windows(tok, "code", 4, 512, "val"),
+                                f"{name}-code-check-w512", progress=False)
+    metrics = dict(val_code=cached_acceptance(model, val),
+                   check_code=cached_acceptance(model, check),  # tests/test_smollm2_heads.py
+                   steps=hist["steps"],
                    seconds=hist["seconds"], train_loss_last100=float(np.mean(hist["loss"][-100:])),
                    objective=a.objective, train_tokens=cache.num_tokens,
                    val_windows=a.val_windows)
