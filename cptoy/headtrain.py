@@ -36,7 +36,8 @@ import torch
 from cptoy._checks import check_positive_int
 from cptoy.features import FeatureCache
 
-__all__ = ["HeadTrainConfig", "Batch", "OBJECTIVES", "shortlist_from_cache", "sample_batch",
+__all__ = ["HeadTrainConfig", "Batch", "OBJECTIVES", "shortlist_from_cache", "shortlist_from_counts",
+           "token_counts", "sample_batch",
            "batch_schedule", "head_loss", "HeadObjective", "train_heads", "cached_acceptance", "build_heads_model",
            "save_heads", "load_heads", "is_heads_checkpoint", "concat_caches"]
 
@@ -81,14 +82,24 @@ class Batch:
     top_logp: torch.Tensor
 
 
+def token_counts(cache: FeatureCache, vocab_size: int) -> np.ndarray:
+    """How often each token is a corpus token or the backbone's greedy token in the cache, (V,)."""
+    return (np.bincount(cache.ids, minlength=vocab_size)
+            + np.bincount(cache.top_ids[:, 0], minlength=vocab_size)).astype(np.int64)
+
+
+def shortlist_from_counts(counts: np.ndarray, size: int) -> torch.Tensor:
+    """The ``size`` most frequent tokens of ``counts`` (V,), sorted (K,) int64 (ties: lower id)."""
+    check_positive_int(size, "size")
+    top = np.argsort(-np.asarray(counts), kind="stable")[: min(size, len(counts))]
+    return torch.from_numpy(np.sort(top)).long()
+
+
 def shortlist_from_cache(cache: FeatureCache, size: int) -> torch.Tensor:
     """The ``size`` most frequent tokens among the corpus tokens and the backbone's greedy
     tokens of the cache, sorted (K,) int64: the tokens that drafts and targets need most."""
     V = int(max(cache.ids.max(), cache.top_ids[:, 0].max())) + 1
-    check_positive_int(size, "size")
-    counts = np.bincount(cache.ids, minlength=V) + np.bincount(cache.top_ids[:, 0], minlength=V)
-    top = np.argsort(-counts, kind="stable")[: min(size, V)]
-    return torch.from_numpy(np.sort(top)).long()
+    return shortlist_from_counts(token_counts(cache, V), size)
 
 
 def sample_batch(cache: FeatureCache, t: np.ndarray, n_future: int,
@@ -269,6 +280,10 @@ def train_heads(model, cache: FeatureCache, cfg: HeadTrainConfig,
     heads.train()
     while step < total_steps:
         elapsed = time.perf_counter() - t0
+        if distributed and cfg.minutes is not None:  # every process: process 0's clock, so
+            clock = torch.tensor([elapsed], dtype=torch.float64, device=device)  # that all
+            torch.distributed.broadcast(clock, 0)  # stop at the same step with the same lr
+            elapsed = float(clock)
         if cfg.minutes is not None and elapsed > 60 * cfg.minutes:
             break
         frac = step / total_steps if cfg.steps else elapsed / (60 * cfg.minutes)
@@ -470,42 +485,64 @@ def main(argv=None) -> None:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--out", required=True)
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
-    backbone, tok = pretrained.load(a.pretrained)
+    device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun
+    if world > 1:
+        if device.startswith("cuda"):
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+            torch.cuda.set_device(device)
+        torch.distributed.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    rank = torch.distributed.get_rank() if world > 1 else 0
+    progress = not a.no_progress and rank == 0
+    backbone, tok = pretrained.load(a.pretrained, device=device)
     name = a.pretrained if a.pretrained in pretrained.KNOWN else "gguf"
-    caches = []
+    caches = []  # this process's shard of every corpus's windows
     for corpus, nw in zip(a.corpus, a.windows, strict=True):
         wins = corpus_windows(tok, corpus, nw, 512)
         caches.append(build_feature_cache(backbone, wins, f"{name}-{corpus}-train-w512",
-                                          progress=not a.no_progress))
+                                          shard=(rank, world), progress=progress))
     cache = concat_caches(caches)
-    val = build_feature_cache(backbone, corpus_windows(tok, "code", a.val_windows, 512, "val"),
-                              f"{name}-code-val-w512", progress=not a.no_progress)
+    counts = token_counts(cache, backbone.config.vocab_size)
+    if world > 1:  # one shortlist for all processes: count over every shard
+        t = torch.from_numpy(counts).to(device)
+        torch.distributed.all_reduce(t)
+        counts = t.cpu().numpy()
     model = build_heads_model(backbone, a.kind, a.n_future, a.rank, a.expert_dim, a.seed)
-    model.heads.set_draft_vocab(shortlist_from_cache(cache, a.shortlist))
+    model.heads.set_draft_vocab(shortlist_from_counts(counts, a.shortlist))
     cfg = HeadTrainConfig(objective=a.objective, steps=a.steps, minutes=a.minutes,
                           batch_size=a.batch_size, lr=a.lr, seed=a.seed)
-    print(f"{cache!r}\nheld-out: {val!r}\n{model.heads!r}: {model.heads.num_params():,} params")
-    hist = train_heads(model, cache, cfg, progress=not a.no_progress)
-    check = build_feature_cache(backbone, corpus_windows(tok, "code", 4, 512, "val"),
-                                f"{name}-code-check-w512", progress=False)
-    metrics = dict(val_code=cached_acceptance(model, val),
-                   check_code=cached_acceptance(model, check),  # tests/test_smollm2_heads.py
-                   steps=hist["steps"],
-                   seconds=hist["seconds"], train_loss_last100=float(np.mean(hist["loss"][-100:])),
-                   objective=a.objective, train_tokens=cache.num_tokens,
-                   val_windows=a.val_windows)
-    # the name load_heads reloads the backbone by: the known name, or the GGUF file's path
-    backbone_name = name if name != "gguf" else os.path.abspath(a.pretrained)
-    save_heads(model, a.out, backbone_name, metrics,
-               recipe=dict(command="python -m cptoy.headtrain " + shlex.join(
-                   sys.argv[1:] if argv is None else argv), config=asdict(cfg)))
-    print(json.dumps(metrics, indent=1, default=float))
+    if rank == 0:
+        print(f"{cache!r} (process 0 of {world})\n{model.heads!r}: "
+              f"{model.heads.num_params():,} params")
+    hist = train_heads(model, cache, cfg, progress=progress)
+    if rank == 0:
+        val = build_feature_cache(backbone, corpus_windows(tok, "code", a.val_windows, 512,
+                                                           "val"),
+                                  f"{name}-code-val-w512", progress=progress)
+        check = build_feature_cache(backbone, corpus_windows(tok, "code", 4, 512, "val"),
+                                    f"{name}-code-check-w512", progress=False)
+        metrics = dict(val_code=cached_acceptance(model, val),
+                       check_code=cached_acceptance(model, check),  # test_smollm2_heads.py
+                       steps=hist["steps"], seconds=hist["seconds"], processes=world,
+                       train_loss_last100=float(np.mean(hist["loss"][-100:])),
+                       objective=a.objective, train_tokens=cache.num_tokens * world,
+                       val_windows=a.val_windows)
+        # the name load_heads reloads the backbone by: the known name, or the GGUF file's path
+        backbone_name = name if name != "gguf" else os.path.abspath(a.pretrained)
+        save_heads(model.to("cpu"), a.out, backbone_name, metrics,
+                   recipe=dict(command="python -m cptoy.headtrain " + shlex.join(
+                       sys.argv[1:] if argv is None else argv), config=asdict(cfg)))
+        print(json.dumps(metrics, indent=1, default=float))
+    if world > 1:
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 def concat_caches(caches: list[FeatureCache]) -> FeatureCache:

@@ -477,7 +477,7 @@ def test_recipe_cli_caches_trains_and_saves(tmp_path, monkeypatch, capsys):
     backbone = sourced_backbone(gguf, b"tiny gguf" * 64)
     loads, asked = [], []
 
-    def fake_load(name):
+    def fake_load(name, device="cpu"):
         loads.append(name)
         return backbone, ByteTokenizer()
 
@@ -493,8 +493,9 @@ def test_recipe_cli_caches_trains_and_saves(tmp_path, monkeypatch, capsys):
                     "--corpus", "code", "shakespeare", "--windows", "6", "4",
                     "--val-windows", "3", "--shortlist", "40", "--steps", "5",
                     "--batch-size", "16", "--no-progress", "--out", str(out)])
-    assert asked == [("code", 6, "train"), ("shakespeare", 4, "train"), ("code", 3, "val")]
-    assert len(list((tmp_path / "cache" / "features").iterdir())) == 3
+    assert asked == [("code", 6, "train"), ("shakespeare", 4, "train"), ("code", 3, "val"),
+                     ("code", 4, "val")]  # the held-out metric, then the check slice
+    assert len(list((tmp_path / "cache" / "features").iterdir())) == 4
     model = load_heads(out)  # reloads the backbone by the path it was given
     assert loads == [str(gguf), os.path.abspath(gguf)]
     assert model.heads.rank == 2 and model.n_future == 3 and len(model.heads.draft_vocab) == 40
