@@ -8,6 +8,8 @@ Every joint here is a float64 tensor ``P`` of shape ``(V,)*n``, nonnegative, sum
   and for n <= 3 its joint is *exactly* a rank-S CP distribution (:meth:`HMM.joint_cp`).
 * :func:`corpus_joint` / :func:`text_joint` -- the empirical joint of the n tokens that follow
   every occurrence of a context in a token sequence (e.g. the bytes of Python source).
+* :func:`lm_joint` -- a language model's own joint of its next n tokens after a context, exact
+  over an alphabet of its likely tokens plus an OTHER bucket (chain rule, batched forwards).
 
 Plus the small toolkit the notebooks lean on: :func:`marginals`, :func:`product_of_marginals`
 (the best rank-1 fit in KL(P||Q)), :func:`conditional`, :func:`entropy`, :func:`kl`, :func:`tv`.
@@ -36,6 +38,8 @@ __all__ = [
     "corpus_joint",
     "text_joint",
     "byte_label",
+    "LMJoint",
+    "lm_joint",
     "marginals",
     "product_of_marginals",
     "conditional",
@@ -434,3 +438,218 @@ def tv(P, Q) -> float:
     """Total variation distance 0.5 * sum |P - Q|. Q may be a CPDist."""
     P, Q = _pair(P, Q)
     return float(0.5 * (P - Q).abs().sum())
+
+
+# ====================================================================== a language model's joint
+_LM_JOINT_MAX_ENTRIES = 20_000_000  # (|A| + 1) ** n entries of P at most
+_LM_JOINT_CHUNK = 64  # sequences per forward when enumerating prefixes
+
+
+@dataclass
+class LMJoint:
+    """The joint of a language model's next n tokens over an alphabet plus OTHER (:func:`lm_joint`).
+
+    ``P[i_1, ..., i_n]`` is the probability of the axis entries ``vocab[i_1], ..., vocab[i_n]``;
+    the last entry of ``vocab`` is ``OTHER`` (-1) unless the alphabet is the whole vocabulary.
+    """
+
+    P: torch.Tensor  # (V',)*n float64, sums to 1
+    vocab: list[int]  # V' axis entries: the alphabet's token ids, then OTHER (-1) if present
+    context: list[int]  # the context the joint is conditioned on
+    n: int  # number of future tokens
+    temperature: float  # softmax temperature of every next-token distribution
+    # axis-index prefix (x_1..x_j, length 0..n-2) -> the token that stands for OTHER at x_{j+1}
+    other_tokens: dict[tuple[int, ...], int] = field(default_factory=dict, repr=False)
+    decode: Callable[[int], str] | None = field(default=None, repr=False)  # id -> label
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.vocab)
+
+    @property
+    def alphabet(self) -> list[int]:
+        """The alphabet's token ids (``vocab`` without OTHER)."""
+        return [v for v in self.vocab if v != OTHER]
+
+    @property
+    def coverage(self) -> float:
+        """Probability that all n tokens are alphabet tokens (the part of P that is exact for the
+        model with no stand-in for OTHER): the sum of P over sequences without OTHER."""
+        K = len(self.alphabet)
+        return float(self.P[(slice(0, K),) * self.n].sum())
+
+    def labels(self, decode: Callable[[int], str] | None = None) -> list[str]:
+        """Display labels of the V' axis entries: ``decode(id)`` (or ``str(id)``), and
+        ``"<other>"`` for the OTHER bucket."""
+        decode = decode or self.decode or str
+        return ["<other>" if v == OTHER else decode(v) for v in self.vocab]
+
+
+def _expanded_cache(model, cache, batch_size: int, extra: int):
+    """A new KV cache of ``batch_size`` rows, each a copy of the one-row ``cache`` (its
+    ``cache.length`` positions), with room for ``extra`` more positions (so no regrowth)."""
+    new = model.new_cache(batch_size)
+    L = cache.length
+    for i in range(cache.n_layer):
+        for src, dst in ((cache._k, new._k), (cache._v, new._v)):
+            s = src[i]  # (1, g, capacity, D)
+            t = s.new_zeros(batch_size, s.shape[1], L + extra, s.shape[3])
+            t[:, :, :L] = s[:, :, :L]
+            dst[i] = t
+    new.length = L
+    return new
+
+
+def lm_joint(model, context_ids, n: int = 3, top_k: int = 8, temperature: float = 1.0,
+             alphabet="greedy") -> LMJoint:
+    """Exact joint of ``model``'s next ``n`` tokens after ``context_ids``, over an alphabet A of
+    ``top_k`` tokens plus one OTHER bucket (id -1, the last axis entry).
+
+    ``model`` is a :class:`cptoy.model.GPT` (``model(idx, cache) -> hidden``, ``model.logits``,
+    ``model.new_cache``), e.g. SmolLM2 from :func:`cptoy.pretrained.load`. Every next-token
+    distribution is ``softmax(logits / temperature)``, computed in float64.
+
+    **Alphabet A** (``alphabet``):
+
+    * ``"greedy"`` (default): score every token v by ``sum_{j=1..n} p(x_j = v | context,
+      g_1..g_{j-1})`` along the model's greedy continuation g (argmax tokens), and keep the
+      ``top_k`` best (ties: lower id first). So A holds the likely tokens of *every* position,
+      not only of the first (after ``range(`` the second token is often ``(`` or ``)``, rarely
+      a likely *first* token).
+    * ``"first"``: the ``top_k`` most likely first tokens under ``p(x_1 | context)``.
+    * a sequence of distinct token ids: exactly these (``top_k`` is then ignored).
+
+    ``vocab`` lists A in that order (by score, or as given), then OTHER. If A is the whole
+    vocabulary there is no OTHER entry and P is the model's full joint.
+
+    **Definition of P** (a proper joint: nonnegative, sums to 1). By the chain rule,
+    ``P[x_1..x_n] = prod_j P(x_j | x_<j)`` with, for an axis prefix x_<j:
+
+    * the actual token prefix t_<j: alphabet entries are their tokens; an OTHER entry at
+      position i is replaced by its *stand-in*, the most probable token outside A under
+      ``P(x_i | x_<i)`` (``LMJoint.other_tokens`` records every stand-in by axis prefix);
+    * ``P(x_j = a | x_<j) = p_model(a | context, t_<j)`` for a in A, and
+      ``P(x_j = OTHER | x_<j) = 1 - sum_{a in A} p_model(a | context, t_<j)``.
+
+    Hence every entry whose n tokens are all in A is *exactly* the model's probability of that
+    sequence, the marginal of x_1 over A is exactly the model's (restricted) softmax, and an
+    entry with OTHER at position j is exact in its mass up to j (the model's probability that
+    x_j falls outside A); what comes after an OTHER is approximated by the continuation of its
+    most probable member. ``LMJoint.coverage`` is the mass of the all-alphabet sequences.
+
+    Cost: one forward of the context (cached), n-1 one-token forwards for the greedy alphabet,
+    then for j = 2..n one batched forward of the (|A|+1)^(j-1) prefixes on copies of the
+    context's cache (chunks of 64): for n = 3, top_k = 8 that is 9 + 81 short sequences.
+
+    Raises ValueError (naming the argument) for n < 1, top_k < 1, an empty ``context_ids``,
+    temperature <= 0, a bad ``alphabet``, token ids outside the model's vocabulary, a context
+    that leaves no room for n - 1 more tokens in the model's block, or a P above 20M entries.
+    """
+    check_positive_int(n, "n")
+    check_positive_int(top_k, "top_k")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not (
+            float(temperature) > 0 and float(temperature) < float("inf")):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    temperature = float(temperature)
+    ctx = [int(t) for t in torch.as_tensor(context_ids).reshape(-1).tolist()]
+    if not ctx:
+        raise ValueError("context_ids must hold at least one token id, got an empty context")
+    Vm = int(model.config.vocab_size)
+    bad = [t for t in ctx if not 0 <= t < Vm]
+    if bad:
+        raise ValueError(f"context_ids holds token ids outside [0, {Vm}): {bad[:5]}")
+    block = int(model.config.block_size)
+    if len(ctx) + n - 1 > block:
+        raise ValueError(f"context_ids has {len(ctx)} tokens; with n - 1 = {n - 1} more that "
+                         f"exceeds the model's block_size {block}")
+    explicit = None
+    if isinstance(alphabet, str):
+        if alphabet not in ("greedy", "first"):
+            raise ValueError(f'alphabet must be "greedy", "first" or a sequence of token ids, '
+                             f"got {alphabet!r}")
+    else:
+        explicit = [int(t) for t in torch.as_tensor(alphabet).reshape(-1).tolist()]
+        if not explicit:
+            raise ValueError("alphabet must hold at least one token id")
+        if len(set(explicit)) != len(explicit):
+            raise ValueError(f"alphabet holds repeated token ids: {explicit}")
+        if any(not 0 <= t < Vm for t in explicit):
+            raise ValueError(f"alphabet holds token ids outside [0, {Vm}): {explicit}")
+    K = len(explicit) if explicit is not None else min(top_k, Vm)
+    has_other = K < Vm
+    Vp = K + int(has_other)
+    if Vp ** n > _LM_JOINT_MAX_ENTRIES:
+        raise ValueError(f"the joint would have (top_k + 1) ** n = {Vp}**{n} entries (over "
+                         f"{_LM_JOINT_MAX_ENTRIES:,}); lower top_k or n")
+
+    device = model.wte.weight.device
+
+    def probs(hidden_last: torch.Tensor) -> torch.Tensor:  # (B, C) -> (B, Vm) float64
+        return torch.softmax(model.logits(hidden_last).to(torch.float64) / temperature, dim=-1)
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            cache = model.new_cache(1)
+            h = model(torch.tensor([ctx], dtype=torch.long, device=device), cache)
+            p1 = probs(h[:, -1]).cpu()  # (1, Vm)
+            L = cache.length
+            if explicit is not None:
+                A = explicit
+            else:
+                scores = p1[0].clone()
+                if alphabet == "greedy":
+                    tok = int(p1[0].argmax())
+                    for _ in range(1, n):
+                        h = model(torch.tensor([[tok]], dtype=torch.long, device=device), cache)
+                        pj = probs(h[:, -1]).cpu()[0]
+                        scores += pj
+                        tok = int(pj.argmax())
+                    cache.truncate(L)
+                A = torch.argsort(-scores, stable=True)[:K].tolist()  # ties: lower id first
+            A_t = torch.tensor(A, dtype=torch.long)
+            outside = torch.ones(Vm, dtype=torch.bool)
+            outside[A_t] = False
+
+            def to_axes(p: torch.Tensor):
+                """(B, Vm) next-token probabilities -> (B, Vp) over A + OTHER, stand-ins (B,)."""
+                pa = p[:, A_t]
+                if not has_other:
+                    return pa, torch.zeros(len(p), dtype=torch.long)
+                po = p.masked_fill(~outside, 0.0)
+                return torch.cat([pa, po.sum(-1, keepdim=True)], dim=-1), po.argmax(-1)
+
+            cond, stand = to_axes(p1)  # (1, Vp), (1,)
+            P = cond[0]  # (Vp,)
+            other_tokens: dict[tuple[int, ...], int] = {}
+            prefixes = torch.zeros(1, 0, dtype=torch.long)  # (Vp^(j-1), j-1) actual tokens
+            for j in range(1, n):
+                for b, axes in enumerate(_axis_prefixes(Vp, j - 1)):
+                    other_tokens[axes] = int(stand[b])
+                # children: every prefix extended by every axis entry (OTHER -> its stand-in)
+                ext = A_t[None, :].expand(len(prefixes), K)
+                if has_other:
+                    ext = torch.cat([ext, stand[:, None]], dim=1)  # (B, Vp)
+                prefixes = torch.cat([prefixes.repeat_interleave(Vp, dim=0),
+                                      ext.reshape(-1, 1)], dim=1)  # (B * Vp, j)
+                rows = []
+                for s in range(0, len(prefixes), _LM_JOINT_CHUNK):
+                    chunk = prefixes[s:s + _LM_JOINT_CHUNK]
+                    c = _expanded_cache(model, cache, len(chunk), j)
+                    h = model(chunk.to(device), c)
+                    rows.append(probs(h[:, -1]).cpu())
+                cond, stand = to_axes(torch.cat(rows))  # (Vp^j, Vp), (Vp^j,)
+                P = P[..., None] * cond.reshape((Vp,) * j + (Vp,))
+    finally:
+        model.train(was_training)
+    vocab = list(A) + ([OTHER] if has_other else [])
+    return LMJoint(P=P, vocab=vocab, context=ctx, n=n, temperature=temperature,
+                   other_tokens=other_tokens)
+
+
+def _axis_prefixes(Vp: int, length: int) -> list[tuple[int, ...]]:
+    """All axis-index tuples of ``length`` entries in [0, Vp), in row-major (C) order."""
+    import itertools
+
+    return list(itertools.product(range(Vp), repeat=length))
