@@ -207,7 +207,7 @@ SUBSTITUTES = {
     ),
     "make gpu-check": (
         "about 8 minutes on a CUDA GPU; its CPU smoke run (same code path, scaled down) is "
-        "tests/test_gpt2_scale.py::test_gpu_check_script_cpu_smoke",
+        "tests/test_gpu_check.py::test_gpu_check_script_cpu_smoke",
         "make -n gpu-check; bench/gpu_check.py --help",
         check_make_gpu_check,
     ),
