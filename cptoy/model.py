@@ -237,6 +237,9 @@ class KVCache:
 
 # ----------------------------------------------------------------------------- blocks
 
+# scaled_dot_product_attention takes grouped-query key/values as they are from torch 2.5 on
+_SDPA_GQA = tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 5)
+
 
 def make_norm(config: GPTConfig) -> nn.Module:
     """The config's norm over the channel dimension: LayerNorm (GPT-2) or RMSNorm (LLaMA)."""
@@ -292,20 +295,26 @@ class CausalSelfAttention(nn.Module):
             q, k = rotary(q, L), rotary(k, L)
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, g, L + T, D)
+        gqa = {}
         if g != h:  # grouped-query attention: each key/value head serves h / g query heads
-            k = k.repeat_interleave(h // g, dim=1)  # (B, h, L + T, D)
-            v = v.repeat_interleave(h // g, dim=1)
+            if _SDPA_GQA:
+                gqa = {"enable_gqa": True}  # no copy of the cache (as fast as h == g)
+            else:  # torch < 2.5
+                k = k.repeat_interleave(h // g, dim=1)  # (B, h, L + T, D)
+                v = v.repeat_interleave(h // g, dim=1)
         dropout_p = self.dropout if self.training else 0.0
         if L == 0:
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True,
+                                               **gqa)
         elif T == 1:
             # one new token sees the whole cache and itself: no mask
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, **gqa)
         else:
             # new token i sits at position L + i and sees keys 0 .. L + i.
             # (is_causal=True would align the mask to the top left, which is wrong here.)
             mask = torch.ones(T, L + T, dtype=torch.bool, device=x.device).tril(diagonal=L)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
+                                               **gqa)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
         return self.resid_dropout(self.c_proj(y))
 

@@ -361,3 +361,16 @@ def test_logits_and_tokens_match_transformers(smollm2, info):
     # the documented difference: transformers' GGUF tokenizer does not split digits first
     assert [htok.decode([i]) for i in htok("\n        3rd")["input_ids"]] == [
         "\n       ", " ", "3", "rd"]
+
+
+def test_gqa_without_enable_gqa_gives_the_same_outputs(monkeypatch):
+    """torch < 2.5 repeats the key/value heads; the result must not change."""
+    import cptoy.model as model_module
+
+    model = tiny_llama(n_kv_head=1)
+    x = torch.randint(0, 256, (2, 12))
+    with torch.no_grad():
+        fused = model.logits(model(x))
+        monkeypatch.setattr(model_module, "_SDPA_GQA", False)
+        repeated = model.logits(model(x))
+    torch.testing.assert_close(fused, repeated, atol=1e-6, rtol=1e-6)
