@@ -182,6 +182,18 @@ def check_make_gpu_check(tmp_path):
     assert "--minutes" in p.stdout and "--new-tokens" in p.stdout
 
 
+def check_make_smollm2_heads(tmp_path):
+    out = make_dry_run("smollm2-heads")
+    calls = _module_calls(out)
+    assert {" ".join(h) for h, _ in calls} == {"-m cptoy.headtrain"}
+    assert len(calls) == 3  # CP rank 1, CP rank 8, first-token heads
+    helptext = run(["python", "-m", "cptoy.headtrain", "--help"]).stdout
+    for _, args in calls:
+        for flag in re.findall(r"(?<!\S)(--[\w-]+)", args):
+            assert flag in helptext, f"make smollm2-heads passes {flag}, unknown to cptoy.headtrain"
+        assert "--out cptoy/checkpoints/smollm2_" in " ".join(args.split())
+
+
 # README command -> (why it does not run as written, what runs instead, the check)
 SUBSTITUTES = {
     "make lab": (
@@ -204,6 +216,12 @@ SUBSTITUTES = {
         "make -n checkpoints; every flag it passes is in that module's --help, and the train "
         "call parses",
         check_make_checkpoints,
+    ),
+    "make smollm2-heads": (
+        "about 40 minutes of CPU, and it overwrites the shipped SmolLM2 heads; the recipe's "
+        "code path runs end to end in tests/test_headtrain.py::test_recipe_cli_caches_trains_and_saves",
+        "make -n smollm2-heads; every flag it passes is in python -m cptoy.headtrain --help",
+        check_make_smollm2_heads,
     ),
     "make gpu-check": (
         "about 8 minutes on a CUDA GPU; its CPU smoke run (same code path, scaled down) is "

@@ -46,13 +46,14 @@ def load(name: str, device: str | None = None, backbone=None):
     if is_heads_checkpoint(file):
         from cptoy import pretrained
 
+        tok = None
         if backbone is None:
             from cptoy.heads import read_torch_file
 
             backbone, tok = pretrained.load(read_torch_file(file)["backbone"]["name"])
-        else:
+        model = load_heads(file, backbone)  # checks the backbone's fingerprint first
+        if tok is None:
             tok = pretrained.tokenizer_from_gguf(pretrained.read_gguf(backbone.source))
-        model = load_heads(file, backbone)
         if device is not None:
             model = model.to(device)
         return model.eval(), tok, model.metrics
