@@ -314,13 +314,7 @@ class FirstTokenModel(nn.Module):
         if model.backbone_fingerprint() != ckpt["backbone"]["fingerprint"]:
             raise ValueError(f"checkpoint {os.fspath(path)!r} was trained on another backbone "
                              f"than the one in {base!r} now")
-        state = {k: v.float() for k, v in ckpt["state_dict"].items()}
-        try:
-            model.heads.load_state_dict(state)
-        except RuntimeError as exc:
-            raise ValueError(f"checkpoint {os.fspath(path)!r}: heads do not match: {exc}") from exc
-        if ckpt.get("draft_vocab") is not None:
-            model.heads.set_draft_vocab(ckpt["draft_vocab"])
+        model.heads.load_saved(ckpt["state_dict"], ckpt.get("draft_vocab"), os.fspath(path))
         model.metrics = ckpt.get("metrics") or {}
         model.tokenizer_dict = mtp.tokenizer_dict
         model.backbone_checkpoint = base

@@ -351,6 +351,16 @@ class DraftingHeads(nn.Module):
         self._draft_vocab_list = ids.tolist()
         return self
 
+    def load_saved(self, state: dict, draft_vocab, source: str) -> DraftingHeads:
+        """Load a heads-only state dict (any float dtype) and its shortlist (None: the whole
+        vocabulary), as checkpoints store them; ValueError naming ``source`` if they do not fit.
+        Returns self."""
+        try:
+            self.load_state_dict({k: v.float() for k, v in state.items()})
+        except RuntimeError as exc:
+            raise ValueError(f"checkpoint {source!r}: heads do not match: {exc}") from exc
+        return self.set_draft_vocab(draft_vocab)
+
     def _factor_step(self, z: torch.Tensor, temperature: float, generator, expert=None,
                      log_posterior=None) -> DraftStep:
         """The :class:`DraftStep` of drafts from ONE factor per position, logits z (k, K): each

@@ -438,13 +438,7 @@ def load_heads(path, backbone=None):
                          f"{source!r}, another file")
     model = build_heads_model(backbone, ckpt["kind"], ckpt["n_future"], ckpt["rank"],
                               ckpt["expert_dim"])
-    state = {k: v.float() for k, v in ckpt["state_dict"].items()}
-    try:
-        model.heads.load_state_dict(state)
-    except RuntimeError as exc:
-        raise ValueError(f"{path!r}: heads do not match: {exc}") from exc
-    if ckpt.get("draft_vocab") is not None:
-        model.heads.set_draft_vocab(ckpt["draft_vocab"])
+    model.heads.load_saved(ckpt["state_dict"], ckpt.get("draft_vocab"), path)
     model.metrics = ckpt.get("metrics") or {}
     model.recipe = ckpt.get("recipe") or {}
     return model.eval()
