@@ -485,21 +485,6 @@ class LMJoint:
         return ["<other>" if v == OTHER else decode(v) for v in self.vocab]
 
 
-def _expanded_cache(model, cache, batch_size: int, extra: int):
-    """A new KV cache of ``batch_size`` rows, each a copy of the one-row ``cache`` (its
-    ``cache.length`` positions), with room for ``extra`` more positions (so no regrowth)."""
-    new = model.new_cache(batch_size)
-    L = cache.length
-    for i in range(cache.n_layer):
-        for src, dst in ((cache._k, new._k), (cache._v, new._v)):
-            s = src[i]  # (1, g, capacity, D)
-            t = s.new_zeros(batch_size, s.shape[1], L + extra, s.shape[3])
-            t[:, :, :L] = s[:, :, :L]
-            dst[i] = t
-    new.length = L
-    return new
-
-
 def lm_joint(model, context_ids, n: int = 3, top_k: int = 8, temperature: float = 1.0,
              alphabet="greedy") -> LMJoint:
     """Exact joint of ``model``'s next ``n`` tokens after ``context_ids``, over an alphabet A of
@@ -636,7 +621,7 @@ def lm_joint(model, context_ids, n: int = 3, top_k: int = 8, temperature: float 
                 rows = []
                 for s in range(0, len(prefixes), _LM_JOINT_CHUNK):
                     chunk = prefixes[s:s + _LM_JOINT_CHUNK]
-                    c = _expanded_cache(model, cache, len(chunk), j)
+                    c = cache.expand(len(chunk), j)
                     h = model(chunk.to(device), c)
                     rows.append(probs(h[:, -1]).cpu())
                 cond, stand = to_axes(torch.cat(rows))  # (Vp^j, Vp), (Vp^j,)

@@ -193,6 +193,26 @@ class KVCache:
             )
         self.length = length
 
+    def expand(self, batch_size: int, extra: int = 0) -> KVCache:
+        """A new cache of ``batch_size`` rows, each a copy of this one-row cache's ``length``
+        positions, with room for ``extra`` more (e.g. to score many continuations of one
+        context in one batched forward)."""
+        check_positive_int(batch_size, "batch_size")
+        if self.batch_size != 1:
+            raise ValueError(f"expand needs a one-row cache, this one has {self.batch_size}")
+        new = KVCache(self.n_layer, batch_size, self.n_head, self.head_dim, self.max_length)
+        L = self.length
+        for store, out in ((self._k, new._k), (self._v, new._v)):
+            for i, s in enumerate(store):  # s (1, g, capacity, D)
+                if s is None:
+                    continue
+                t = s.new_zeros(batch_size, s.shape[1], min(L + extra, self.max_length),
+                                s.shape[3])
+                t[:, :, :L] = s[:, :, :L]
+                out[i] = t
+        new.length = L
+        return new
+
     def _ensure(self, layer: int, needed: int, like: torch.Tensor) -> None:
         k = self._k[layer]
         if k is not None and k.shape[2] >= needed:

@@ -374,3 +374,19 @@ def test_gqa_without_enable_gqa_gives_the_same_outputs(monkeypatch):
         monkeypatch.setattr(model_module, "_SDPA_GQA", False)
         repeated = model.logits(model(x))
     torch.testing.assert_close(fused, repeated, atol=1e-6, rtol=1e-6)
+
+
+def test_cache_expand_scores_continuations_like_separate_forwards():
+    model = tiny_llama()
+    ctx, conts = torch.randint(0, 256, (1, 9)), torch.randint(0, 256, (3, 4))
+    with torch.no_grad():
+        cache = model.new_cache(1)
+        model(ctx, cache)
+        wide = cache.expand(3, extra=4)
+        batched = model.logits(model(conts, wide))  # (3, 4, V)
+        for i in range(3):
+            alone = model.logits(model(torch.cat([ctx, conts[i : i + 1]], 1)))[0, 9:]
+            torch.testing.assert_close(batched[i], alone, atol=1e-5, rtol=1e-5)
+    assert cache.length == 9 and wide.length == 13  # the original is untouched
+    with pytest.raises(ValueError, match="one-row"):
+        wide.expand(2)
