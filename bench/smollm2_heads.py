@@ -47,9 +47,7 @@ replaced (others kept).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
-import io
 import math
 import os
 import platform
@@ -61,7 +59,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
-from _results import write_section  # bench/ is on sys.path when run as a script
+from _hf import ForwardTimer, load_hf  # bench/ is on sys.path when run as a script
+from _results import write_section
 
 from cptoy import checkpoints, pretrained
 from cptoy.decoding import generate
@@ -166,40 +165,6 @@ def load_drafters(backbone, allow_untrained: bool) -> tuple[list[Drafter], dict,
     return out, metrics, not missing
 
 
-def load_hf(path: Path):
-    """transformers' LlamaForCausalLM from the same GGUF file, float32, eval, no eos stop."""
-    import transformers
-    from transformers import AutoModelForCausalLM
-
-    transformers.logging.set_verbosity_error()
-    transformers.logging.disable_progress_bar()
-    with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
-        warnings.simplefilter("ignore")
-        hf = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
-                                                  dtype=torch.float32)
-    hf.eval()
-    for p in hf.parameters():
-        p.requires_grad_(False)
-    hf.generation_config.eos_token_id = None  # exactly max_new_tokens, as cptoy
-    return hf
-
-
-class ForwardCounter:
-    """Forward hooks on the transformers model: how many forward calls, and their time."""
-
-    def __init__(self, module):
-        self.times: list[float] = []
-        self._t0 = 0.0
-        module.register_forward_pre_hook(self._pre)
-        module.register_forward_hook(self._post)
-
-    def _pre(self, module, args):
-        self._t0 = time.perf_counter()
-
-    def _post(self, module, args, out):
-        self.times.append(time.perf_counter() - self._t0)
-
-
 # ====================================================================== decoding
 @dataclass
 class Run:
@@ -250,7 +215,7 @@ def cptoy_fn(model, strategy: str, cfg: BenchConfig, routing: str = "mixture"):
     return fn
 
 
-def hf_fn(hf, counter: ForwardCounter, strategy: str, cfg: BenchConfig):
+def hf_fn(hf, counter: ForwardTimer, strategy: str, cfg: BenchConfig):
     kw = {}
     if strategy == "lookup":
         kw = dict(prompt_lookup_num_tokens=cfg.n_draft, max_matching_ngram_size=cfg.lookup_ngram)
@@ -418,7 +383,7 @@ def main(argv=None) -> str:
     drafters, metrics, trained = load_drafters(backbone, args.quick or args.untrained)
     path = pretrained.find_gguf(MODEL)
     hf = load_hf(path)
-    counter = ForwardCounter(hf)
+    counter = ForwardTimer(hf)
     prompts = ([("code", p) for p in heldout_prompts(
         "code", tok, num=cfg.code_prompts, prompt_tokens=cfg.prompt_tokens, seed=cfg.seed,
         max_chars=cfg.heldout_chars)]
