@@ -89,3 +89,66 @@ def check_nonneg_number(x, name: str) -> float:
     if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x) or x < 0:
         raise ValueError(f"{name} must be a finite number >= 0, got {x!r}")
     return float(x)
+
+
+def check_prompt_ids(prompt_ids, vocab_size: int) -> list[int]:
+    if isinstance(prompt_ids, torch.Tensor):
+        t = prompt_ids
+        if t.dim() == 2:
+            if t.shape[0] != 1:
+                raise ValueError(
+                    f"prompt_ids must be one sequence (batch size 1), got shape {tuple(t.shape)}"
+                )
+            t = t[0]
+        if t.dim() != 1:
+            raise ValueError(f"prompt_ids must have shape (T,) or (1, T), got {tuple(t.shape)}")
+        if t.is_floating_point() or t.dtype == torch.bool:
+            raise TypeError(f"prompt_ids must hold integer token ids, got dtype {t.dtype}")
+        ids = [int(v) for v in t.tolist()]
+    elif isinstance(prompt_ids, (list, tuple)):
+        ids = []
+        for v in prompt_ids:
+            if isinstance(v, bool) or not isinstance(v, int) and not hasattr(v, "__index__"):
+                raise TypeError(f"prompt_ids must hold ints, got {type(v).__name__}")
+            ids.append(int(v))
+    else:
+        raise TypeError(
+            f"prompt_ids must be a list of ints or a 1-D tensor, got {type(prompt_ids).__name__}"
+        )
+    if not ids:
+        raise ValueError("prompt_ids is empty; give at least one token")
+    bad = [v for v in ids if not 0 <= v < vocab_size]
+    if bad:
+        raise ValueError(f"prompt_ids holds ids outside [0, {vocab_size}), e.g. {bad[0]}")
+    return ids
+
+
+def check_temperature(temperature) -> float:
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+        raise TypeError(f"temperature must be a number, got {type(temperature).__name__}")
+    t = float(temperature)
+    if not math.isfinite(t) or t < 0:
+        raise ValueError(
+            f"temperature must be a finite number >= 0 (0 = greedy), got {temperature}"
+        )
+    return t
+
+
+def check_token_ids(ids, vocab_size: int, name: str = "ids") -> torch.Tensor:
+    """A 1-D int64 CPU tensor of token ids in [0, vocab_size)."""
+    if isinstance(ids, (list, tuple)):
+        if any(isinstance(v, bool) or not isinstance(v, int) for v in ids):
+            raise TypeError(f"{name} must hold ints")
+        ids = torch.tensor(ids, dtype=torch.long)
+    if not isinstance(ids, torch.Tensor):
+        raise TypeError(f"{name} must be a 1-D LongTensor (or a list of ints), "
+                        f"got {type(ids).__name__}")
+    if ids.dim() != 1:
+        raise ValueError(f"{name} must be 1-D (T,), got shape {tuple(ids.shape)}")
+    if ids.is_floating_point() or ids.dtype == torch.bool or ids.is_complex():
+        raise TypeError(f"{name} must hold integer token ids, got dtype {ids.dtype}")
+    ids = ids.to("cpu", torch.long)
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
+        raise ValueError(f"{name} holds ids outside [0, {vocab_size})")
+    return ids
+

@@ -612,7 +612,8 @@ def verifier_free_generate(model, prompt_ids, max_new_tokens: int, controller: s
     drafts offered (``drafted_per_step``) and accepted, and time in forwards
     (``prefill_time``/``verify_time``) and in heads + controller (``draft_time``).
     """
-    from cptoy.decoding import Generation, _prompt_list
+    from cptoy._checks import check_prompt_ids
+    from cptoy.decoding import Generation
 
     if controller not in CONTROLLERS:
         raise ValueError(f"controller must be one of {CONTROLLERS}, got {controller!r}")
@@ -638,7 +639,7 @@ def verifier_free_generate(model, prompt_ids, max_new_tokens: int, controller: s
                          "heads with a first position (CPHeads)")
     check_positive_int(max_new_tokens, "max_new_tokens")
     V = bb.config.vocab_size
-    prompt = _prompt_list(prompt_ids, V)
+    prompt = check_prompt_ids(prompt_ids, V)
     if len(prompt) + max_new_tokens > bb.config.block_size:
         raise ValueError(f"prompt ({len(prompt)}) + max_new_tokens ({max_new_tokens}) exceeds "
                          f"block_size {bb.config.block_size}")

@@ -57,13 +57,12 @@ state at its last position, the one whose logits gave ``tokens[-1]``.
 from __future__ import annotations
 
 import inspect
-import math
 import time
 from dataclasses import dataclass, field
 
 import torch
 
-from cptoy._checks import check_positive_int
+from cptoy._checks import check_positive_int, check_prompt_ids, check_temperature
 
 __all__ = ["Generation", "GenerationStats", "StepRecord", "generate", "lookup_drafts", "STRATEGIES"]
 
@@ -196,7 +195,7 @@ def _probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     return torch.softmax(x / temperature if temperature > 0 else x, dim=-1)
 
 
-def _sample_rows(probs: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+def sample_rows(probs: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """One draw from each row of ``probs`` (..., V) (nonnegative, not necessarily normalised).
 
     Inverse-CDF sampling: the first index whose cumulative mass exceeds u * total, u ~ U[0, 1).
@@ -215,7 +214,7 @@ def _sample_rows(probs: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 
 def _draw(p: torch.Tensor, gen: torch.Generator) -> int:
     """One token from a distribution p (V,)."""
-    return int(_sample_rows(p, gen))
+    return int(sample_rows(p, gen))
 
 
 class _CPProposal:
@@ -401,8 +400,8 @@ def _cp_drafts(draft, takes_k, h_last, x1, k, temperature, gen, device, record,
         # ancestral sampling from the CP: an expert from the posterior gate, then every drafted
         # position from that expert's factor. The drafts' law is the CP conditional; acceptance
         # uses its mixture conditionals q(d_j | x_1, d_<j), which marginalise the expert.
-        expert = int(_sample_rows(dist.weights, gen)) if dist.rank > 1 else 0
-        drafts = _sample_rows(dist.log_factors[:k, expert].exp(), gen).tolist()  # (k,)
+        expert = int(sample_rows(dist.weights, gen)) if dist.rank > 1 else 0
+        drafts = sample_rows(dist.log_factors[:k, expert].exp(), gen).tolist()  # (k,)
     q = _CPProposal(dist, drafts) if (temperature > 0 or record) else None
     extra = {}
     if record:
@@ -420,7 +419,7 @@ def _takes_n_draft(fn) -> bool:
 ROUTINGS = ("mixture", "expert")
 
 
-def _check_routing(routing, model=None) -> str:
+def check_routing(routing, model=None) -> str:
     """Validate ``routing``; with a model, check its heads can route to one expert."""
     if routing not in ROUTINGS:
         raise ValueError(f"routing must be one of {ROUTINGS}, got {routing!r}")
@@ -458,49 +457,6 @@ def _device(module) -> torch.device:
 
 
 # ====================================================================== validation
-def _prompt_list(prompt_ids, vocab_size: int) -> list[int]:
-    if isinstance(prompt_ids, torch.Tensor):
-        t = prompt_ids
-        if t.dim() == 2:
-            if t.shape[0] != 1:
-                raise ValueError(
-                    f"prompt_ids must be one sequence (batch size 1), got shape {tuple(t.shape)}"
-                )
-            t = t[0]
-        if t.dim() != 1:
-            raise ValueError(f"prompt_ids must have shape (T,) or (1, T), got {tuple(t.shape)}")
-        if t.is_floating_point() or t.dtype == torch.bool:
-            raise TypeError(f"prompt_ids must hold integer token ids, got dtype {t.dtype}")
-        ids = [int(v) for v in t.tolist()]
-    elif isinstance(prompt_ids, (list, tuple)):
-        ids = []
-        for v in prompt_ids:
-            if isinstance(v, bool) or not isinstance(v, int) and not hasattr(v, "__index__"):
-                raise TypeError(f"prompt_ids must hold ints, got {type(v).__name__}")
-            ids.append(int(v))
-    else:
-        raise TypeError(
-            f"prompt_ids must be a list of ints or a 1-D tensor, got {type(prompt_ids).__name__}"
-        )
-    if not ids:
-        raise ValueError("prompt_ids is empty; give at least one token")
-    bad = [v for v in ids if not 0 <= v < vocab_size]
-    if bad:
-        raise ValueError(f"prompt_ids holds ids outside [0, {vocab_size}), e.g. {bad[0]}")
-    return ids
-
-
-def _check_temperature(temperature) -> float:
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
-        raise TypeError(f"temperature must be a number, got {type(temperature).__name__}")
-    t = float(temperature)
-    if not math.isfinite(t) or t < 0:
-        raise ValueError(
-            f"temperature must be a finite number >= 0 (0 = greedy), got {temperature}"
-        )
-    return t
-
-
 # ====================================================================== generate
 def generate(
     model,
@@ -543,14 +499,14 @@ def generate(
     backbone = _backbone(model)
     cfg = backbone.config
     V, block = cfg.vocab_size, cfg.block_size
-    prompt = _prompt_list(prompt_ids, V)
+    prompt = check_prompt_ids(prompt_ids, V)
     check_positive_int(max_new_tokens, "max_new_tokens")
     if len(prompt) + max_new_tokens > block:
         raise ValueError(
             f"max_new_tokens={max_new_tokens} plus the prompt's {len(prompt)} tokens exceeds the "
             f"block_size {block}; shorten prompt_ids or lower max_new_tokens"
         )
-    temperature = _check_temperature(temperature)
+    temperature = check_temperature(temperature)
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
     if eos_id is not None:
@@ -560,7 +516,7 @@ def generate(
             raise ValueError(f"eos_id must be in [0, {V}), got {eos_id}")
     check_positive_int(lookup_ngram, "lookup_ngram")
     n_future = getattr(model, "n_future", None)
-    _check_routing(routing, model if strategy == "self-spec" else None)
+    check_routing(routing, model if strategy == "self-spec" else None)
     if strategy == "self-spec":
         _draft_fn(model)  # raises TypeError without heads
         if n_future is None or n_future < 2:

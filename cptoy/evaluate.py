@@ -43,8 +43,7 @@ from dataclasses import dataclass, field, fields, is_dataclass
 
 import torch
 
-from cptoy._checks import check_positive_int
-from cptoy.decoding import _check_temperature
+from cptoy._checks import check_positive_int, check_temperature, check_token_ids
 
 __all__ = [
     "TFResult",
@@ -81,25 +80,6 @@ _CHUNK_BYTES = 32 * 2**20  # budget for one chunk's (c, k, r, V) float64 factors
 def _backbone(model):
     bb = getattr(model, "backbone", None)
     return bb if bb is not None else model
-
-
-def _ids_tensor(ids, vocab_size: int, name: str = "ids") -> torch.Tensor:
-    """A 1-D int64 CPU tensor of token ids in [0, vocab_size)."""
-    if isinstance(ids, (list, tuple)):
-        if any(isinstance(v, bool) or not isinstance(v, int) for v in ids):
-            raise TypeError(f"{name} must hold ints")
-        ids = torch.tensor(ids, dtype=torch.long)
-    if not isinstance(ids, torch.Tensor):
-        raise TypeError(f"{name} must be a 1-D LongTensor (or a list of ints), "
-                        f"got {type(ids).__name__}")
-    if ids.dim() != 1:
-        raise ValueError(f"{name} must be 1-D (T,), got shape {tuple(ids.shape)}")
-    if ids.is_floating_point() or ids.dtype == torch.bool or ids.is_complex():
-        raise TypeError(f"{name} must hold integer token ids, got dtype {ids.dtype}")
-    ids = ids.to("cpu", torch.long)
-    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
-        raise ValueError(f"{name} holds ids outside [0, {vocab_size})")
-    return ids
 
 
 def _check_n_draft(model, n_draft) -> int:
@@ -228,15 +208,15 @@ def teacher_forced_acceptance(
 
     Returns a :class:`TFResult`.
     """
-    from cptoy.decoding import _check_routing, _draft_fn, _takes_n_draft
+    from cptoy.decoding import _draft_fn, _takes_n_draft, check_routing
 
     t_start = time.perf_counter()
     k = _check_n_draft(model, n_draft)
-    T = _check_temperature(temperature)
-    _check_routing(routing, model)
+    T = check_temperature(temperature)
+    check_routing(routing, model)
     backbone = _backbone(model)
     V, block = backbone.config.vocab_size, backbone.config.block_size
-    ids = _ids_tensor(ids, V)
+    ids = check_token_ids(ids, V)
     check_positive_int(min_context, "min_context")
     if max_positions is not None:
         check_positive_int(max_positions, "max_positions")
@@ -439,13 +419,14 @@ def heads_only_generate(model, prompt_ids, max_new_tokens: int, temperature: flo
     backbone's distribution. Returns a ``cptoy.decoding.Generation`` (arrivals "first" for the
     backbone's tokens, "draft" for the unchecked ones).
     """
-    from cptoy.decoding import Generation, GenerationStats, _prompt_list, _sample_rows
+    from cptoy._checks import check_prompt_ids
+    from cptoy.decoding import Generation, GenerationStats, sample_rows
 
     k = _check_n_draft(model, n_draft)
-    T = _check_temperature(temperature)
+    T = check_temperature(temperature)
     check_positive_int(max_new_tokens, "max_new_tokens")
     bb = _backbone(model)
-    prompt = _prompt_list(prompt_ids, bb.config.vocab_size)
+    prompt = check_prompt_ids(prompt_ids, bb.config.vocab_size)
     if len(prompt) + max_new_tokens > bb.config.block_size:
         raise ValueError(f"prompt ({len(prompt)}) + max_new_tokens ({max_new_tokens}) exceeds "
                          f"block_size {bb.config.block_size}")
@@ -464,7 +445,7 @@ def heads_only_generate(model, prompt_ids, max_new_tokens: int, temperature: flo
             H = bb(torch.tensor([chunk], dtype=torch.long), cache)  # (1, len(chunk), d)
             h = H[:, -1]  # (1, d)
             lg = bb.logits(h)[0].double()  # (V,)
-            x1 = int(lg.argmax()) if T == 0 else int(_sample_rows(torch.softmax(lg / T, -1), gen))
+            x1 = int(lg.argmax()) if T == 0 else int(sample_rows(torch.softmax(lg / T, -1), gen))
             dt = time.perf_counter()
             if len(tokens) == 0:
                 stats.prefill_time += dt - tf
@@ -479,8 +460,8 @@ def heads_only_generate(model, prompt_ids, max_new_tokens: int, temperature: flo
                 if T == 0:
                     drafts = dist.mode().tolist()
                 else:
-                    a = int(_sample_rows(dist.weights, gen)) if dist.rank > 1 else 0
-                    drafts = _sample_rows(dist.log_factors[:, a].exp(), gen).tolist()
+                    a = int(sample_rows(dist.weights, gen)) if dist.rank > 1 else 0
+                    drafts = sample_rows(dist.log_factors[:, a].exp(), gen).tolist()
             stats.draft_time += time.perf_counter() - dt
             emitted = [x1] + drafts
             tokens.extend(emitted)
@@ -558,9 +539,9 @@ def _check_method(m: Method) -> Method:
         check_positive_int(k, "n_draft")
     else:
         k = 0
-    from cptoy.decoding import _check_routing
+    from cptoy.decoding import check_routing
 
-    _check_routing(m.routing, m.model if m.strategy == "self-spec" else None)
+    check_routing(m.routing, m.model if m.strategy == "self-spec" else None)
     return Method(m.name, m.model, m.strategy, k, m.routing)
 
 
@@ -587,7 +568,7 @@ def benchmark_methods(
         raise ValueError("methods must not be empty")
     if not isinstance(prompts, (list, tuple)) or not prompts:
         raise ValueError("prompts must be a non-empty list of token-id lists")
-    T = _check_temperature(temperature)
+    T = check_temperature(temperature)
     check_positive_int(max_new_tokens, "max_new_tokens")
     if decode is not None and not callable(decode):
         raise TypeError("decode must be a callable (tokenizer.decode) or None")
@@ -715,10 +696,10 @@ def verify_cost(model, k_values=(1, 2, 3, 4, 5, 6), context_length: int = 64,
     forward, measured here), which would move a median; the lower quartile is the cost of the
     computation itself.
     """
-    from cptoy.decoding import _check_routing, _cp_drafts, _draft_fn, _takes_n_draft
+    from cptoy.decoding import _cp_drafts, _draft_fn, _takes_n_draft, check_routing
 
     bb = _backbone(model)
-    T = _check_temperature(temperature)
+    T = check_temperature(temperature)
     if isinstance(k_values, int):
         k_values = (k_values,)
     ks = [check_positive_int(k, "k_values entries") for k in k_values]
@@ -735,7 +716,7 @@ def verify_cost(model, k_values=(1, 2, 3, 4, 5, 6), context_length: int = 64,
     heads_ok = getattr(model, "heads", None) is not None and n_future is not None
     draft = _draft_fn(model) if heads_ok else None
     takes_k = draft is not None and _takes_n_draft(draft)
-    _check_routing(routing, model if draft is not None else None)
+    check_routing(routing, model if draft is not None else None)
     g = torch.Generator().manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)  # the drafts' sampling
     ids = torch.randint(0, V, (1, context_length + max(ks)), generator=g)

@@ -68,7 +68,7 @@ METHOD_STYLE = {
 
 
 # ====================================================================== non-plotting helpers
-def _dense(P, name: str = "P") -> torch.Tensor:
+def dense_joint(P, name: str = "P") -> torch.Tensor:
     """A validated dense float64 joint (V,)*n from a tensor, an array or an unbatched CPDist."""
     if isinstance(P, CPDist):
         if len(P.batch_shape):
@@ -86,7 +86,7 @@ def joint_slice(P, positions: Sequence[int] = (0, 1), prefix: Sequence[int] | No
     ``positions`` (indices into the remaining axes) is summed out. Entry ``[i, j]`` is the
     probability that the token at ``positions[0]`` is i and the one at ``positions[1]`` is j.
     """
-    P = _dense(P)
+    P = dense_joint(P)
     if prefix is not None and len(prefix) > 0:
         from cptoy.joint import conditional
 
@@ -126,7 +126,7 @@ def score_fit(P, fit: CPFit, rank: int | None = None) -> SweepPoint:
     from cptoy.joint import kl, tv
     from cptoy.theory import expected_tokens_per_forward
 
-    P = _dense(P)
+    P = dense_joint(P)
     Q = fit.dist.to(torch.float64).to_tensor()
     Q = Q / Q.sum()  # float64 round-off only (sums to 1 within 1e-12)
     return SweepPoint(
@@ -150,7 +150,7 @@ def rank_sweep(
     A fit whose restarts all fail (tensorly HALS can return NaN) gives a point with ``kl``,
     ``tv`` and ``tokens_per_forward`` NaN and ``failed == restarts``; it is reported, not dropped.
     """
-    P = _dense(P)
+    P = dense_joint(P)
     out = []
     for method in methods:
         for r in ranks:

@@ -371,7 +371,8 @@ def confadapt_generate(student: SelfDistilledMTP, prompt_ids, max_new_tokens: in
     smaller; k = 1 is the student's plain greedy decoding. Needs ``len(prompt) +
     max_new_tokens + k - 1 <= block_size``. Returns a ``cptoy.decoding.Generation``.
     """
-    from cptoy.decoding import Generation, GenerationStats, _prompt_list
+    from cptoy._checks import check_prompt_ids
+    from cptoy.decoding import Generation, GenerationStats
 
     if not isinstance(student, SelfDistilledMTP):
         raise TypeError(f"student must be a SelfDistilledMTP, got {type(student).__name__}")
@@ -383,7 +384,7 @@ def confadapt_generate(student: SelfDistilledMTP, prompt_ids, max_new_tokens: in
         raise TypeError(f"threshold must be a finite number, got {threshold!r}")
     check_positive_int(max_new_tokens, "max_new_tokens")
     model, V = student.model, student.vocab_size
-    prompt = _prompt_list(prompt_ids, V)
+    prompt = check_prompt_ids(prompt_ids, V)
     if len(prompt) + max_new_tokens + k - 1 > model.config.block_size:
         raise ValueError(f"prompt ({len(prompt)}) + max_new_tokens ({max_new_tokens}) + k - 1 "
                          f"({k - 1}) exceeds block_size {model.config.block_size}")

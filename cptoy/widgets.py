@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from cptoy._checks import check_positive_int
-from cptoy.plots import METHOD_STYLE, SweepPoint, _dense, joint_slice, score_fit
+from cptoy.plots import METHOD_STYLE, SweepPoint, dense_joint, joint_slice, score_fit
 
 __all__ = ["FONT_SIZE", "CPExplorer", "cp_explorer"]
 
@@ -313,7 +313,7 @@ def cp_explorer(
     wrong length, rank outside 1..max_rank, unknown or repeated methods, n < 2 or a joint too
     large to fit interactively (V**n > MAX_ENTRIES).
     """
-    P = _dense(P, "P")
+    P = dense_joint(P, "P")
     n, V = P.dim(), P.shape[0]
     if n < 2:
         raise ValueError(f"P must be a joint of at least 2 tokens to show a 2-token slice, "
@@ -1076,9 +1076,9 @@ def acceptance_explorer(
     if k0 > kmax:
         raise ValueError(f"n_draft must be in [1, {kmax}] for the first model, got {n_draft}")
     if heldout_ids is not None:
-        from cptoy.evaluate import _ids_tensor
+        from cptoy._checks import check_token_ids
 
-        heldout_ids = _ids_tensor(heldout_ids, V, "heldout_ids")
+        heldout_ids = check_token_ids(heldout_ids, V, "heldout_ids")
     if prompt_labels is None:
         prompt_labels = [repr(tokenizer.decode(p)[-40:]) for p in prompts]
     elif len(prompt_labels) != len(prompts):
@@ -1338,7 +1338,7 @@ def speculative_stepper(
     ``cptoy.decoding``); the dropdown is disabled for rank 1, where both are the same. At
     temperature 0, p and q are shown untempered and acceptance is ``d == argmax p``.
     """
-    from cptoy.decoding import _check_routing
+    from cptoy.decoding import check_routing
 
     if not hasattr(model, "backbone") or getattr(model, "n_future", 1) < 2:
         raise TypeError("model must be an MTPModel with n_future >= 2")
@@ -1356,7 +1356,7 @@ def speculative_stepper(
     k = kmax if n_draft is None else check_positive_int(n_draft, "n_draft")
     if k > kmax:
         raise ValueError(f"n_draft must be in [1, {kmax}], got {n_draft}")
-    _check_routing(routing, model)
+    check_routing(routing, model)
 
     import ipywidgets as w
     import plotly.graph_objects as go

@@ -112,12 +112,12 @@ def test_lookup_drafts():
 def test_sampler_is_exact_and_skips_zero_mass():
     gen = torch.Generator().manual_seed(0)
     p = torch.tensor([0.0, 0.5, 0.0, 0.2, 0.3, 0.0], dtype=torch.float64)
-    draws = decoding._sample_rows(p.expand(20000, 6), gen)  # (20000,) one per row
+    draws = decoding.sample_rows(p.expand(20000, 6), gen)  # (20000,) one per row
     counts = torch.bincount(draws, minlength=6)
     assert counts[p == 0].sum() == 0
     assert chisquare(counts[p > 0].numpy(), (20000 * p[p > 0]).numpy()).pvalue > 1e-3
     # unnormalised rows are fine (the residual is normalised by the sampler's own total)
-    assert decoding._sample_rows(torch.tensor([0.0, 0.0, 3.0]), gen).item() == 2
+    assert decoding.sample_rows(torch.tensor([0.0, 0.0, 3.0]), gen).item() == 2
 
 
 def test_cp_proposal_equals_cpdist_conditionals():
