@@ -38,7 +38,7 @@ from cptoy.features import FeatureCache
 
 __all__ = ["HeadTrainConfig", "Batch", "OBJECTIVES", "shortlist_from_cache", "shortlist_from_counts",
            "token_counts", "sample_batch",
-           "batch_schedule", "head_loss", "HeadObjective", "train_heads", "cached_acceptance", "build_heads_model",
+           "batch_schedule", "head_loss", "HeadObjective", "train_heads", "cached_acceptance", "build_heads_model", "KINDS",
            "save_heads", "load_heads", "is_heads_checkpoint", "concat_caches"]
 
 OBJECTIVES = ("ce", "top1", "kl")
@@ -189,8 +189,13 @@ def cp_conditionals(heads, batch: Batch, shortlist: torch.Tensor):
 
 
 def first_token_conditionals(heads, batch: Batch, shortlist: torch.Tensor):
-    """log q_j(v | h, x_1) over the shortlist (B, n - 1, K) for first-token heads."""
-    z = heads.logits(batch.h, batch.y[:, 0], vocab=shortlist)  # (B, n - 1, K)
+    """log q_j(v | h, x_1 ..) over the shortlist (B, n - 1, K) for first-token heads (which
+    read x_1) and draft blocks (which read x_1 .. x_{j-1}, the true tokens, and chain on their
+    own features: ``cptoy.draftblock``)."""
+    if hasattr(heads, "chain_logits"):
+        z = heads.chain_logits(batch.h, batch.y[:, :-1], vocab=shortlist)  # (B, n - 1, K)
+    else:
+        z = heads.logits(batch.h, batch.y[:, 0], vocab=shortlist)  # (B, n - 1, K)
     return torch.log_softmax(z.float(), dim=-1)
 
 
@@ -355,10 +360,16 @@ FORMAT = "cptoy-pretrained-heads"
 FORMAT_VERSION = 1
 
 
+KINDS = ("cp", "first_token", "block")
+
+
 def build_heads_model(backbone, kind: str, n_future: int, rank: int = 1,
-                      expert_dim: int | None = None, seed: int = 0):
+                      expert_dim: int | None = None, seed: int = 0,
+                      mlp_hidden: int | None = None):
     """Drafting heads on a frozen ``backbone`` (used as it is, not copied): ``kind="cp"`` an
-    ``MTPModel`` with rank-r CP heads, ``kind="first_token"`` a ``FirstTokenModel``."""
+    ``MTPModel`` with rank-r CP heads, ``kind="first_token"`` a ``FirstTokenModel``,
+    ``kind="block"`` a ``DraftBlockModel`` (one decoder block of MLP width ``mlp_hidden``)."""
+    from cptoy.draftblock import DraftBlockModel
     from cptoy.firsttoken import FirstTokenModel
     from cptoy.heads import MTPModel
 
@@ -369,8 +380,10 @@ def build_heads_model(backbone, kind: str, n_future: int, rank: int = 1,
         model = MTPModel(backbone, n_future, rank, expert_dim=expert_dim, freeze_backbone=True)
     elif kind == "first_token":
         model = FirstTokenModel(backbone, n_future)
+    elif kind == "block":
+        model = DraftBlockModel(backbone, n_future, mlp_hidden)
     else:
-        raise ValueError(f"kind must be 'cp' or 'first_token', got {kind!r}")
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     return model.eval()
 
 
@@ -386,11 +399,13 @@ def save_heads(model, path, backbone_name: str, metrics: dict | None = None,
     source = getattr(model.backbone, "source", None)
     if source is None:
         raise ValueError("the backbone has no .source file (load it with cptoy.pretrained.load)")
-    kind = "cp" if hasattr(model.heads, "gate_log_probs") else "first_token"
     heads = model.heads
+    kind = ("cp" if hasattr(heads, "gate_log_probs") else
+            "block" if hasattr(heads, "chain_logits") else "first_token")
     ckpt = dict(
         format=FORMAT, format_version=FORMAT_VERSION, kind=kind, n_future=model.n_future,
         rank=getattr(heads, "rank", 1), expert_dim=getattr(heads, "expert_dim", None),
+        mlp_hidden=getattr(heads, "mlp_hidden", None),
         state_dict={k: v.detach().to("cpu", torch.float16) for k, v in heads.state_dict().items()},
         draft_vocab=None if heads.draft_vocab is None else heads.draft_vocab.tolist(),
         backbone=dict(name=backbone_name, fingerprint=fingerprint(source)),
@@ -437,7 +452,7 @@ def load_heads(path, backbone=None):
                          f"{want['fingerprint'][:12]}...); the backbone given comes from "
                          f"{source!r}, another file")
     model = build_heads_model(backbone, ckpt["kind"], ckpt["n_future"], ckpt["rank"],
-                              ckpt["expert_dim"])
+                              ckpt["expert_dim"], mlp_hidden=ckpt.get("mlp_hidden"))
     model.heads.load_saved(ckpt["state_dict"], ckpt.get("draft_vocab"), path)
     model.metrics = ckpt.get("metrics") or {}
     model.recipe = ckpt.get("recipe") or {}
@@ -462,7 +477,10 @@ def main(argv=None) -> None:
         epilog="example: python -m cptoy.headtrain --kind cp --rank 8 --expert-dim 32 "
                "--minutes 10 --out cptoy/checkpoints/smollm2_r8.pt")
     p.add_argument("--pretrained", default="smollm2-135m", help="backbone name or GGUF path")
-    p.add_argument("--kind", choices=["cp", "first_token"], default="cp")
+    p.add_argument("--kind", choices=KINDS, default="cp",
+                   help="CP heads, first-token heads or a draft block (cptoy.draftblock)")
+    p.add_argument("--mlp-hidden", type=int, default=None,
+                   help="MLP width of the draft block (kind block; default: the backbone's)")
     p.add_argument("--rank", type=int, default=1, help="CP rank r (kind cp)")
     p.add_argument("--expert-dim", type=int, default=None,
                    help="structured CP heads with rank-e expert corrections (kind cp)")
@@ -508,7 +526,8 @@ def main(argv=None) -> None:
         t = torch.from_numpy(counts).to(device)
         torch.distributed.all_reduce(t)
         counts = t.cpu().numpy()
-    model = build_heads_model(backbone, a.kind, a.n_future, a.rank, a.expert_dim, a.seed)
+    model = build_heads_model(backbone, a.kind, a.n_future, a.rank, a.expert_dim, a.seed,
+                              a.mlp_hidden)
     model.heads.set_draft_vocab(shortlist_from_counts(counts, a.shortlist))
     cfg = HeadTrainConfig(objective=a.objective, steps=a.steps, minutes=a.minutes,
                           batch_size=a.batch_size, lr=a.lr, seed=a.seed)
