@@ -129,14 +129,18 @@ def head_specs(rank: int, expert_dim: int | None) -> dict:
         "rR": ("cp", rank, expert_dim, f"smollm2_r{rank}",
                f"CP rank {rank}" + (f" (expert_dim {expert_dim})" if expert_dim else "")),
         "x1": ("first_token", 1, None, "smollm2_x1", "first-token"),
+        "block": ("block", 1, None, "smollm2_block", "draft block"),
     }
+
+
+BLOCK_MLP = 1024  # the draft block's MLP width (as the shipped smollm2_block)
 
 
 def attach(backbone, spec, n_future: int, state: dict, vocab, dtype: torch.dtype):
     """Heads of ``spec`` with weights ``state`` on ``backbone`` (its device, ``dtype``), drafting
     over ``vocab``: one trained set of heads, attached to the bfloat16 and float32 backbones."""
     kind, rank, expert_dim = spec[:3]
-    model = build_heads_model(backbone, kind, n_future, rank, expert_dim)
+    model = build_heads_model(backbone, kind, n_future, rank, expert_dim, mlp_hidden=BLOCK_MLP)
     model.heads.load_state_dict(state)
     device = next(backbone.parameters()).device
     model.heads.to(device=device, dtype=dtype)
@@ -480,7 +484,8 @@ def run(a, S, device, device_name, dtype, smoke, windows, window, prompts_per, p
             cfg = HeadTrainConfig(objective="kl", steps=steps, minutes=minutes,
                                   batch_size=batch_size, lr=S["lr"],
                                   warmup=min(50, steps or 50), seed=0)
-            m = build_heads_model(bb32, kind, a.n_future, rank, edim, seed=0)
+            m = build_heads_model(bb32, kind, a.n_future, rank, edim, seed=0,
+                                  mlp_hidden=BLOCK_MLP)
             m.heads.to(device)
             m.heads.set_draft_vocab(shortlist)
             hist = train_heads(m, cache, cfg, progress=False)

@@ -12,7 +12,8 @@ validation splits; the heads were trained on the train splits only). Methods:
   token ids, beside transformers' own AR (``do_sample=False``); greedy only;
 - self-speculative decoding (``strategy="self-spec"``, n = 4: 3 drafts per step) with the
   shipped heads ``cptoy/checkpoints/smollm2_{r1,r8,x1}.pt``: CP rank 1, CP rank 8 (structured,
-  expert_dim 32) and first-token heads, each drafting over its training shortlist (K = 8192)
+  expert_dim 32), first-token heads and the draft block (``cptoy.draftblock``: one decoder
+  block chaining on its own features, EAGLE-style), each drafting over its training shortlist (K = 8192)
   and over the whole vocabulary (``heads.set_draft_vocab(None)``); CP rank 8 also with
   one-expert routing (``routing="expert"``, shortlist).
 
@@ -81,6 +82,7 @@ HEADS = {
     "smollm2_r1": ("CP rank 1", dict(kind="cp", rank=1)),
     "smollm2_r8": ("CP rank 8", dict(kind="cp", rank=8, expert_dim=32)),
     "smollm2_x1": ("first-token heads", dict(kind="first_token")),
+    "smollm2_block": ("draft block", dict(kind="block", mlp_hidden=1024)),
 }
 T_START = time.perf_counter()
 
@@ -117,7 +119,7 @@ QUICK = BenchConfig(code_prompts=1, prose_prompts=1, prompt_tokens=32, max_new_t
 # drafters that also run at thread counts outside all_methods_threads (whole-vocabulary
 # variants are slower at every thread count; their tokens/forward is thread-independent)
 SUBSET = ("CP rank 1, K=8192", "CP rank 8, K=8192", "CP rank 8, expert, K=8192",
-          "first-token heads, K=8192")
+          "first-token heads, K=8192", "draft block, K=8192")
 
 
 # ====================================================================== models
@@ -762,7 +764,11 @@ def main(argv=None) -> str:
         "lines than the prompts), pooled: the true text as prefix, x_1 the true next token. "
         "Speculative: expected tokens per forward of the min(1, p/q) rule (T = 0: the drafts' "
         "argmax agrees with the backbone's); greedy match: CP-mode drafts equal to the true "
-        "text. Acceptance by position: Pr(draft j accepted | earlier drafts accepted), j = 2..4.",
+        "text. Acceptance by position: Pr(draft j accepted | earlier drafts accepted), j = 2..4. "
+        "The draft block's q_j conditions on its own earlier drafts; this protocol asks each "
+        "drafter for one distribution per position, so the block's T = 0.8 rows condition on "
+        "its greedy chain instead of the true prefix (exact at T = 0, an approximation at "
+        "T = 0.8; its decoded rows above are exact).",
         "",
         tf_text,
         "",

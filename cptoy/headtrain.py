@@ -499,6 +499,8 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--init", default=None,
+                   help="start from the heads of this checkpoint (same kind; training goes on)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--out", required=True)
     a = p.parse_args(argv)
@@ -529,6 +531,12 @@ def main(argv=None) -> None:
     model = build_heads_model(backbone, a.kind, a.n_future, a.rank, a.expert_dim, a.seed,
                               a.mlp_hidden)
     model.heads.set_draft_vocab(shortlist_from_counts(counts, a.shortlist))
+    if a.init:
+        init = load_heads(a.init, backbone)
+        if type(init.heads) is not type(model.heads):
+            raise ValueError(f"--init {a.init!r} holds {type(init.heads).__name__}, "
+                             f"not {type(model.heads).__name__} (--kind {a.kind})")
+        model.heads.load_state_dict(init.heads.state_dict())
     cfg = HeadTrainConfig(objective=a.objective, steps=a.steps, minutes=a.minutes,
                           batch_size=a.batch_size, lr=a.lr, seed=a.seed)
     if rank == 0:
