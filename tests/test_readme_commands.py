@@ -135,6 +135,8 @@ def check_make_lab(tmp_path):
 def check_make_test(tmp_path):
     out = make_dry_run("test")
     assert "-m pytest" in out and " tests " in out and "--nbmake notebooks" in out
+    # the executed notebooks are saved as HTML from that same run (tests/nbhtml.py)
+    assert "-p tests.nbhtml --notebook-html artifacts/notebooks" in out
 
 
 def check_make_present(tmp_path):
@@ -194,12 +196,51 @@ def check_make_smollm2_heads(tmp_path):
         assert "--out cptoy/checkpoints/smollm2_" in " ".join(args.split())
 
 
+CPU_TORCH_INDEX = "https://download.pytorch.org/whl/cpu"
+
+
+def check_make_lab_cpu_torch(tmp_path):
+    # -B: print the install recipe even where .venv is already installed
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed")
+    def dry(*extra):
+        p = subprocess.run(["make", "-n", "-B", *extra, "lab"], cwd=ROOT, capture_output=True,
+                           text=True, timeout=60)
+        assert p.returncode == 0, p.stderr
+        return p.stdout
+    torch_line = [ln for ln in dry(f"TORCH_INDEX={CPU_TORCH_INDEX}").splitlines()
+                  if '"torch==' in ln]
+    assert len(torch_line) == 1 and f"--index-url {CPU_TORCH_INDEX} " in torch_line[0], torch_line
+    assert "jupyter-lab --notebook-dir=notebooks" in dry(f"TORCH_INDEX={CPU_TORCH_INDEX}")
+    # without the variable: the default index, and only the torch install is affected
+    assert all("--index-url" not in ln for ln in dry().splitlines())
+
+
+def check_make_student(tmp_path):
+    out = make_dry_run("student")
+    assert "nbconvert" in out and "--TagRemovePreprocessor.remove_cell_tags=solution" in out
+    assert "--output-dir student notebooks/*.ipynb" in " ".join(out.replace("\\\n", " ").split())
+
+
 # README command -> (why it does not run as written, what runs instead, the check)
 SUBSTITUTES = {
     "make lab": (
         "starts a JupyterLab server that runs until stopped",
         "make -n lab; python -m jupyterlab --version",
         check_make_lab,
+    ),
+    f"make TORCH_INDEX={CPU_TORCH_INDEX} lab": (
+        "installs torch from PyTorch's CPU index into a new .venv and starts a JupyterLab "
+        "server that runs until stopped",
+        f"make -n -B TORCH_INDEX={CPU_TORCH_INDEX} lab: the torch install (only it) gets "
+        "--index-url; make -n -B lab: no --index-url anywhere",
+        check_make_lab_cpu_torch,
+    ),
+    "make student": (
+        "writes student/ into the repository; tests/test_student_notebooks.py runs the same "
+        "command (read from make -n) into a temporary folder and executes a stripped notebook",
+        "make -n student",
+        check_make_student,
     ),
     "make test": (
         "is the whole test suite, this test included (never run recursively)",
