@@ -36,7 +36,7 @@ def check_cache(backbone, tmp_path_factory):
 
 
 def test_heads_are_shipped():
-    assert {"smollm2_r1", "smollm2_r8", "smollm2_x1"} <= set(NAMES)
+    assert {"smollm2_r1", "smollm2_r8", "smollm2_x1", "smollm2_block"} <= set(NAMES)
 
 
 @pytest.mark.slow
