@@ -63,6 +63,7 @@ import torch.nn.functional as F
 from cptoy._checks import check_positive_int
 from cptoy.cp import CPDist
 from cptoy.model import GPT
+from cptoy.speculative import Proposal, propose_from_cp
 
 __all__ = [
     "ArchitectHeads",
@@ -198,6 +199,17 @@ class ArchitectHeads(nn.Module):
             z = z / temperature
         lf = torch.log_softmax(z, dim=-1).unsqueeze(-2)  # (B, m, 1, V)
         return CPDist(lf.new_zeros(hidden.shape[0], 1), lf)
+
+    routings = ("mixture",)  # one factor per position: nothing to route
+
+    @torch.no_grad()
+    def propose(self, hidden: torch.Tensor, x1: int, k: int, temperature: float,
+                generator: torch.Generator | None = None, routing: str = "mixture") -> Proposal:
+        """The drafting protocol of ``cptoy.speculative`` (self-speculative decoding): k drafts
+        from the (tempered) factors of positions 2..k+1, which ignore x1; q is those factors."""
+        first = torch.tensor([x1], dtype=torch.long, device=hidden.device)
+        dist = self.draft(hidden, first, temperature if temperature > 0 else 1.0, n_draft=k)
+        return propose_from_cp(dist[0], k, temperature, generator)
 
     @classmethod
     def from_cp_heads(cls, cp_heads) -> ArchitectHeads:

@@ -44,6 +44,7 @@ from dataclasses import dataclass, field, fields, is_dataclass
 import torch
 
 from cptoy._checks import check_positive_int, check_temperature, check_token_ids
+from cptoy.cp import CPDist
 
 __all__ = [
     "TFResult",
@@ -208,7 +209,7 @@ def teacher_forced_acceptance(
 
     Returns a :class:`TFResult`.
     """
-    from cptoy.decoding import _draft_fn, _takes_n_draft, check_routing
+    from cptoy.decoding import check_routing
 
     t_start = time.perf_counter()
     k = _check_n_draft(model, n_draft)
@@ -243,8 +244,7 @@ def teacher_forced_acceptance(
                 total += counts[i]
             wins = [wins[i] for i in sorted(chosen)]
 
-    draft = _draft_fn(model)
-    takes_k = _takes_n_draft(draft)
+    heads = model.heads
     was_training = getattr(model, "training", False)
     if hasattr(model, "eval"):
         model.eval()
@@ -263,12 +263,12 @@ def teacher_forced_acceptance(
             idx_y = t_loc[:, None] + 2 + torch.arange(k)  # (m, k): positions of y_2..y_{k+1}
             Y = w[idx_y]  # (m, k) true continuation
             X1 = w[t_loc + 1]  # (m,)
-            r_guess = getattr(model.heads, "rank", 1)
+            r_guess = getattr(heads, "rank", 1)
             c = max(1, _CHUNK_BYTES // (8 * k * max(r_guess, 1) * V))
             for lo in range(0, t_loc.numel(), c):
                 tl, y, x1 = t_loc[lo:lo + c], Y[lo:lo + c], X1[lo:lo + c]
                 h = H[tl]  # (c, d)
-                d1 = _call_draft(draft, takes_k, h, x1.to(h.device), 1.0, k)
+                d1 = _draft(heads, h, x1.to(h.device), 1.0, k)
                 top = d1.log_weights.argmax(-1)  # (c,) the expert greedy one-expert routing uses
                 if routing == "expert":
                     mode = d1.log_factors[torch.arange(len(top)), :, top].argmax(-1)  # (c, k)
@@ -276,8 +276,7 @@ def teacher_forced_acceptance(
                     mode = d1.mode().cpu()  # (c, k)
                 match = (mode == y).long().cumprod(1)  # (c, k): first j drafts all equal y
                 g_acc.append(match)
-                dT = d1 if T in (0.0, 1.0) else _call_draft(draft, takes_k, h, x1.to(h.device),
-                                                           T, k)
+                dT = d1 if T in (0.0, 1.0) else _draft(heads, h, x1.to(h.device), T, k)
                 lg = logits[tl[:, None] + 1 + torch.arange(k)]  # (c, k, V): p after y_<j
                 if routing == "expert":
                     s_cum.append(_expert_acceptance(dT, lg, T, top))
@@ -317,13 +316,11 @@ def _device(module) -> torch.device:
         return torch.device("cpu")
 
 
-def _call_draft(draft, takes_k: bool, h, x1, temperature: float, k: int):
+def _draft(heads, h, x1, temperature: float, k: int) -> CPDist:
     """The heads' CP over drafted positions 2..k+1 given x1 (batch (c,)), detached, CPU."""
-    dist = draft(h, x1, temperature, n_draft=k) if takes_k else draft(h, x1, temperature)
+    dist = heads.draft(h, x1, temperature, n_draft=k)
     if dist.n < k:
         raise RuntimeError(f"heads drafted {dist.n} positions, {k} needed")
-    from cptoy.cp import CPDist
-
     return CPDist(dist.log_weights.detach().cpu(), dist.log_factors[..., :k, :, :].detach().cpu())
 
 
@@ -696,7 +693,7 @@ def verify_cost(model, k_values=(1, 2, 3, 4, 5, 6), context_length: int = 64,
     forward, measured here), which would move a median; the lower quartile is the cost of the
     computation itself.
     """
-    from cptoy.decoding import _cp_drafts, _draft_fn, _takes_n_draft, check_routing
+    from cptoy.decoding import check_routing
 
     bb = _backbone(model)
     T = check_temperature(temperature)
@@ -713,10 +710,9 @@ def verify_cost(model, k_values=(1, 2, 3, 4, 5, 6), context_length: int = 64,
         raise ValueError(f"context_length + max(k_values) = {context_length + max(ks)} exceeds "
                          f"block_size {block}")
     n_future = getattr(model, "n_future", None)
-    heads_ok = getattr(model, "heads", None) is not None and n_future is not None
-    draft = _draft_fn(model) if heads_ok else None
-    takes_k = draft is not None and _takes_n_draft(draft)
-    check_routing(routing, model if draft is not None else None)
+    heads = getattr(model, "heads", None)
+    drafter = heads if hasattr(heads, "propose") and n_future is not None else None
+    check_routing(routing, model if drafter is not None else None)
     g = torch.Generator().manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)  # the drafts' sampling
     ids = torch.randint(0, V, (1, context_length + max(ks)), generator=g)
@@ -740,11 +736,11 @@ def verify_cost(model, k_values=(1, 2, 3, 4, 5, 6), context_length: int = 64,
                 t1 = time.perf_counter()
                 cache.truncate(context_length)
                 dt = float("nan")
-                can_draft = draft is not None and 2 <= k <= n_future
-                if can_draft:
+                if drafter is not None and 2 <= k <= n_future:
                     t2 = time.perf_counter()
-                    _cp_drafts(draft, takes_k, h_last, x1, k - 1, T, gen, dev, False, routing,
-                               model.heads)  # returns Python ints: synchronised
+                    prop = drafter.propose(h_last, x1, k - 1, T, gen, routing)  # ints: synced
+                    if T > 0:
+                        _ = prop.q.at  # what the decoder reads to verify (lazy until then)
                     dt = time.perf_counter() - t2
                 if rep >= 2:
                     times[k].append(t1 - t0)

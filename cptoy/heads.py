@@ -73,6 +73,7 @@ import torch.nn.functional as F
 from cptoy._checks import check_nonneg_number, check_positive_int
 from cptoy.cp import CPDist
 from cptoy.model import GPT, GPTConfig
+from cptoy.speculative import FactorQ, MixtureQ, Proposal, sample_index
 
 __all__ = ["CPHeads", "MTPModel", "HeadTerms", "DraftStep", "frequency_shortlist", "CHECKPOINT_FORMAT", "CHECKPOINT_VERSION"]
 
@@ -361,6 +362,29 @@ class DraftingHeads(nn.Module):
             raise ValueError(f"checkpoint {source!r}: heads do not match: {exc}") from exc
         return self.set_draft_vocab(draft_vocab)
 
+    # ------------------------------------------------------------------ the drafting protocol
+    routings = ("mixture", "expert")  # both: heads with one factor per position route alike
+
+    def propose(self, hidden: torch.Tensor, x1: int, k: int, temperature: float,
+                generator: torch.Generator | None = None,
+                routing: str = "mixture") -> Proposal:
+        """The drafting protocol of ``cptoy.speculative``: k drafts after x1 and their law q.
+
+        hidden (1, d) at the last accepted position, x1 the backbone's token (an int),
+        ``temperature`` (0: greedy drafts, q is left unevaluated), ``generator`` for the draws,
+        ``routing`` "mixture" or "expert". One :meth:`draft_step`, read as token ids and a
+        lazy q over the vocabulary (zero outside a drafting shortlist)."""
+        step = self.draft_step(hidden, x1, k, temperature, generator, routing)
+        vocab = step.vocab.cpu() if step.vocab is not None else None
+        if step.mixture is None:  # q is one factor per position: its probabilities at hand
+            q = FactorQ(step.index, probs=step.probs, logits=step.logits, at=step.q_at,
+                        vocab=vocab, V=self.vocab_size, expert=step.expert,
+                        rank=getattr(self, "rank", 1))
+        else:
+            q = MixtureQ(step.mixture.to("cpu"), step.index, vocab, self.vocab_size)
+        post = [1.0] if step.log_posterior is None else step.log_posterior.exp().tolist()
+        return Proposal(step.tokens, q, step.expert, post)
+
     def _factor_step(self, z: torch.Tensor, temperature: float, generator, expert=None,
                      log_posterior=None) -> DraftStep:
         """The :class:`DraftStep` of drafts from ONE factor per position, logits z (k, K): each
@@ -371,7 +395,7 @@ class DraftingHeads(nn.Module):
                              logits=z, vocab_list=self._draft_vocab_list)
         probs = torch.softmax(z / temperature if temperature != 1.0 else z, dim=-1,
                               dtype=torch.float64)  # (k, K)
-        idx, drafts = _sample_index(probs, generator)  # (k, 1), k ints
+        idx, drafts = sample_index(probs, generator)  # (k, 1), k ints
         return DraftStep(drafts, expert, self._draft_vocab, log_posterior, probs=probs,
                          q_at=probs.gather(1, idx).view(-1).tolist(),
                          vocab_list=self._draft_vocab_list)
@@ -846,7 +870,7 @@ class CPHeads(DraftingHeads):
             log_post = self._posterior(hidden, x1, t)[0].double()  # (r,)
             if routing == "expert" or temperature > 0:
                 expert = (int(log_post.argmax()) if temperature == 0 else
-                          _sample_index(torch.softmax(log_post, -1)[None], generator)[1][0])
+                          sample_index(torch.softmax(log_post, -1)[None], generator)[1][0])
         if self.rank == 1 or routing == "expert":
             z = self._expert_logits(hidden, expert or 0, 1, k + 1)[0]  # (k, K)
             return self._factor_step(z, temperature, generator, expert, log_post)
@@ -857,7 +881,7 @@ class CPHeads(DraftingHeads):
             drafts = CPDist(log_post, lf).mode().tolist()
             expert = int(log_post.argmax())
         else:
-            drafts = _sample_index(lf[:, expert].exp(), generator)[1]
+            drafts = sample_index(lf[:, expert].exp(), generator)[1]
         return DraftStep(drafts, expert, self._draft_vocab, log_post,
                          mixture=CPDist(log_post, lf), vocab_list=self._draft_vocab_list)
 
@@ -870,27 +894,6 @@ class CPHeads(DraftingHeads):
         if experts.numel() and (int(experts.min()) < 0 or int(experts.max()) >= self.rank):
             raise ValueError(f"experts must lie in [0, {self.rank})")
         return experts.long().to(self.transform_weight.device)
-
-
-def _sample_index(probs: torch.Tensor, generator: torch.Generator | None):
-    """One draw per row of ``probs`` (m, K) (float64 rows that sum to 1): indices (m, 1) and
-    the same as a list of m ints.
-
-    Inverse CDF with ``right=True``, so an index with zero mass is never returned; a uniform
-    at or above a row's float sum (which can fall short of 1 by ~1e-16) goes to the row's last
-    index with mass. Four tensor operations, unlike ``torch.multinomial``'s checks (60 us a
-    call here)."""
-    c = probs.cumsum(-1)  # (m, K)
-    u = torch.rand(probs.shape[0], 1, dtype=probs.dtype, generator=generator)  # the decoder's
-    if u.device != c.device:  # CPU generator, also when the heads run on a GPU
-        u = u.to(c.device)
-    idx = torch.searchsorted(c, u, right=True)  # (m, 1)
-    as_list = idx.view(-1).tolist()
-    if max(as_list) >= probs.shape[-1]:  # probability ~1e-16
-        last = (probs > 0).cumsum(-1).argmax(-1, keepdim=True)  # last index with mass
-        idx = torch.minimum(idx, last)
-        as_list = idx.view(-1).tolist()
-    return idx, as_list
 
 
 def frequency_shortlist(ids, vocab_size: int, size: int) -> torch.Tensor:

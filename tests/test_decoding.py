@@ -18,6 +18,7 @@ from fakes import FakeMTP, LinearCPHeads, OracleGreedyHeads, TrigramBackbone, ma
 from scipy.stats import chisquare
 
 import cptoy.decoding as decoding
+import cptoy.speculative as speculative
 from cptoy.decoding import Generation, generate, lookup_drafts
 
 STRATS = ("ar", "self-spec", "lookup")
@@ -129,7 +130,7 @@ def test_cp_proposal_equals_cpdist_conditionals():
         dist = CPDist.from_logits(torch.randn(r, generator=g, dtype=torch.float64),
                                   3 * torch.randn(k, r, 7, generator=g, dtype=torch.float64))
         drafts = dist.sample(1, g)[0].tolist()
-        q = decoding._CPProposal(dist, drafts)
+        q = speculative.MixtureQ(dist, drafts)
         for j in range(k):
             sub = dist if j == 0 else dist.condition(torch.tensor(drafts[:j]))
             ref = sub.log_marginal(0).exp()
@@ -252,11 +253,11 @@ def test_lookup_sampling_is_exact(dist_model):
 
 def test_goodness_of_fit_has_power(dist_model, monkeypatch):
     """Negative controls: a broken accept rule or a broken residual is caught by the same test."""
-    monkeypatch.setattr(decoding, "_accept", lambda p_d, q_d, u: True)  # always accept
+    monkeypatch.setattr(speculative, "accept", lambda p_d, q_d, u: True)  # always accept
     p = _gof_pvalue(dist_model, [0, 1], 4, 0.8, RUNS, strategy="self-spec")
     assert p < 1e-6, p
     monkeypatch.undo()
-    monkeypatch.setattr(decoding, "_residual", lambda p, q: p)  # replacement from p, not p - q
+    monkeypatch.setattr(speculative, "residual", lambda p, q: p)  # replacement from p, not p - q
     p = _gof_pvalue(dist_model, [0, 1], 4, 0.8, RUNS, strategy="self-spec")
     assert p < 1e-6, p
 
