@@ -24,7 +24,6 @@ and name the shipped checkpoint whose frozen backbone they were trained on.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 
 import torch
@@ -33,8 +32,9 @@ import torch.nn.functional as F
 
 from cptoy._checks import check_positive_int
 from cptoy.cp import CPDist
-from cptoy.heads import DraftingHeads, DraftStep, MTPModel, read_torch_file
+from cptoy.heads import DraftingHeads, DraftStep, MTPModel
 from cptoy.model import GPT, GPTConfig
+from cptoy.persist import atomic_save, module_fingerprint, read_torch_file, shipped_path
 
 FORMAT = "cptoy-first-token-heads"  # the "format" entry of a first-token-heads checkpoint
 FORMAT_VERSION = 1
@@ -275,18 +275,16 @@ class FirstTokenModel(nn.Module):
     # ------------------------------------------------------------------ checkpoints
     def backbone_fingerprint(self) -> str:
         """sha256 of the backbone's weights rounded to half precision (identifies it)."""
-        h = hashlib.sha256()
-        for k, v in sorted(self.backbone.state_dict().items()):
-            h.update(k.encode())
-            h.update(v.detach().to("cpu", torch.float16).numpy().tobytes())
-        return h.hexdigest()
+        return module_fingerprint(self.backbone)
 
-    def save(self, path, backbone_checkpoint: str, metrics: dict | None = None) -> None:
-        """Write the heads (half precision), shortlist and metrics; the backbone is referenced by
-        the name of the shipped checkpoint it comes from (``cptoy.checkpoints``) and its
-        fingerprint, checked on load."""
-        if not isinstance(backbone_checkpoint, str):
-            raise TypeError("backbone_checkpoint must be the name of a shipped checkpoint (str)")
+    def save(self, path, backbone_checkpoint: str | None = None,
+             metrics: dict | None = None) -> None:
+        """Write the heads (half precision), shortlist and metrics, and the backbone's
+        fingerprint (checked on load). ``backbone_checkpoint``: the name of the MTP checkpoint
+        the backbone comes from (a file beside ``path``, or a shipped one), so that
+        :meth:`load` can find it; None when the backbone will be passed to :meth:`load`."""
+        if backbone_checkpoint is not None and not isinstance(backbone_checkpoint, str):
+            raise TypeError("backbone_checkpoint must be a checkpoint name (str) or None")
         ckpt = dict(
             format=FORMAT, format_version=FORMAT_VERSION, n_future=self.n_future,
             positions=self.positions, seed=self.seed,
@@ -296,27 +294,32 @@ class FirstTokenModel(nn.Module):
             backbone=dict(checkpoint=backbone_checkpoint, fingerprint=self.backbone_fingerprint()),
             metrics=dict(metrics or {}),
         )
-        path = os.fspath(path)
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        torch.save(ckpt, path + ".tmp")
-        os.replace(path + ".tmp", path)
+        atomic_save(ckpt, path)
 
     @classmethod
-    def load(cls, path) -> FirstTokenModel:
-        """Load a checkpoint written by :meth:`save` together with its shipped backbone."""
-        from cptoy import checkpoints
-
+    def load(cls, path, backbone: GPT | None = None) -> FirstTokenModel:
+        """Load a checkpoint written by :meth:`save` onto ``backbone`` (a ``GPT``, used as it
+        is), or, when None, onto the backbone of the MTP checkpoint it names (a file beside
+        ``path``, else a shipped one). The backbone's fingerprint must match the stored one."""
+        path = os.fspath(path)
         ckpt = read_checkpoint(path)
-        base = ckpt["backbone"]["checkpoint"]
-        mtp = MTPModel.load(checkpoints.path(base))
-        model = cls(mtp.config, ckpt["n_future"], ckpt.get("positions"), ckpt.get("seed", 0))
-        model.backbone.load_state_dict(mtp.backbone.state_dict())
+        base, tokenizer_dict = ckpt["backbone"].get("checkpoint"), None
+        if backbone is None:
+            if base is None:
+                raise ValueError(f"checkpoint {path!r} names no backbone checkpoint; pass the "
+                                 "backbone it was trained on (backbone=)")
+            beside = os.path.join(os.path.dirname(os.path.abspath(path)), f"{base}.pt")
+            mtp = MTPModel.load(beside if os.path.isfile(beside) else shipped_path(base))
+            backbone, tokenizer_dict = mtp.backbone, mtp.tokenizer_dict
+        elif not isinstance(backbone, GPT):
+            raise TypeError(f"backbone must be a cptoy.model.GPT, got {type(backbone).__name__}")
+        model = cls(backbone, ckpt["n_future"], ckpt.get("positions"), ckpt.get("seed", 0))
         if model.backbone_fingerprint() != ckpt["backbone"]["fingerprint"]:
-            raise ValueError(f"checkpoint {os.fspath(path)!r} was trained on another backbone "
-                             f"than the one in {base!r} now")
-        model.heads.load_saved(ckpt["state_dict"], ckpt.get("draft_vocab"), os.fspath(path))
+            where = f"the one in {base!r} now" if tokenizer_dict is not None else "the one given"
+            raise ValueError(f"checkpoint {path!r} was trained on another backbone than {where}")
+        model.heads.load_saved(ckpt["state_dict"], ckpt.get("draft_vocab"), path)
         model.metrics = ckpt.get("metrics") or {}
-        model.tokenizer_dict = mtp.tokenizer_dict
+        model.tokenizer_dict = tokenizer_dict
         model.backbone_checkpoint = base
         return model
 
@@ -345,7 +348,6 @@ def is_first_token_checkpoint(path) -> bool:
 def main(argv=None) -> None:
     """Train first-token heads on a shipped rank-1 checkpoint's frozen backbone (the recipe of
     the shipped ``<corpus>_x1`` checkpoints)."""
-    from cptoy import checkpoints
     from cptoy.data import encode_corpus, load_corpus, tokenizer_from_dict
     from cptoy.recipes import check_slice_ids, check_slice_metrics
     from cptoy.train import TrainConfig, evaluate_loss, train
@@ -359,7 +361,7 @@ def main(argv=None) -> None:
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
     base = f"{a.corpus}_r1"
-    mtp = MTPModel.load(checkpoints.path(base))
+    mtp = MTPModel.load(shipped_path(base))
     tok = tokenizer_from_dict(mtp.tokenizer_dict)
     model = FirstTokenModel.from_mtp(mtp, positions=32)
     data = encode_corpus(load_corpus(a.corpus), tok)

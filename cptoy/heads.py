@@ -73,9 +73,11 @@ import torch.nn.functional as F
 from cptoy._checks import check_nonneg_number, check_positive_int
 from cptoy.cp import CPDist
 from cptoy.model import GPT, GPTConfig
+from cptoy.persist import atomic_save, read_torch_file
 from cptoy.speculative import FactorQ, MixtureQ, Proposal, sample_index
 
-__all__ = ["CPHeads", "MTPModel", "HeadTerms", "DraftStep", "frequency_shortlist", "CHECKPOINT_FORMAT", "CHECKPOINT_VERSION"]
+__all__ = ["CPHeads", "MTPModel", "HeadTerms", "DraftStep", "DraftingHeads", "frequency_shortlist",
+           "read_torch_file", "CHECKPOINT_FORMAT", "CHECKPOINT_VERSION"]
 
 CHECKPOINT_FORMAT = "cptoy-mtp"  # the "format" entry of every checkpoint written by MTPModel.save
 CHECKPOINT_VERSION = 1  # bump when the layout changes; load() refuses newer versions
@@ -922,20 +924,6 @@ def frequency_shortlist(ids, vocab_size: int, size: int) -> torch.Tensor:
 # ============================================================================ the model
 
 
-def read_torch_file(path) -> object:
-    """``torch.load`` of a checkpoint file (CPU, weights only); ValueError naming the file when
-    it is missing or not a torch file."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise ValueError(f"checkpoint {path!r} does not exist")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise ValueError(
-            f"checkpoint {path!r} is corrupt or not a torch file: {type(exc).__name__}: {exc}"
-        ) from exc
-
-
 def _check_head_positions(hp):
     if hp is None:
         return None
@@ -1202,11 +1190,7 @@ class MTPModel(nn.Module):
             extra=dict(extra or {}),
             draft_vocab=None if self.heads.draft_vocab is None else self.heads.draft_vocab.tolist(),
         )
-        path = os.fspath(path)
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        tmp = path + ".tmp"
-        torch.save(ckpt, tmp)
-        os.replace(tmp, path)
+        atomic_save(ckpt, path)
 
     @staticmethod
     def read_checkpoint(path) -> dict:
