@@ -16,6 +16,7 @@ import pytest
 import torch
 from fakes import FakeMTP, LinearCPHeads, OracleGreedyHeads, TrigramBackbone, make_fake
 from scipy.stats import chisquare
+from stats import exact_ar, generate_pvalue
 
 import cptoy.decoding as decoding
 import cptoy.speculative as speculative
@@ -194,29 +195,7 @@ def test_greedy_acceptance_good_and_bad_heads():
 def _gof_pvalue(model, prompt, m, temperature, runs, **kw) -> float:
     """Chi-square goodness of fit of the first m generated tokens against exact AR sampling."""
     exact = model.backbone.exact_distribution(prompt, m, temperature)
-    counts = Counter(
-        tuple(generate(model, prompt, m, temperature=temperature, seed=s, **kw).tokens)
-        for s in range(runs)
-    )
-    assert sum(counts.values()) == runs
-    assert set(counts) <= {k for k, v in exact.items() if v > 0}
-    # cells with expected count < 5 are pooled into one
-    cells = sorted(exact, key=exact.get, reverse=True)
-    obs, exp, pool_o, pool_e = [], [], 0, 0.0
-    for c in cells:
-        e = runs * exact[c]
-        if e >= 5:
-            obs.append(counts.get(c, 0))
-            exp.append(e)
-        else:
-            pool_o += counts.get(c, 0)
-            pool_e += e
-    if pool_e > 0:
-        obs.append(pool_o)
-        exp.append(pool_e)
-    scale = sum(obs) / sum(exp)  # exact probabilities sum to 1 up to rounding
-    assert abs(scale - 1) < 1e-9
-    return float(chisquare(obs, [e * scale for e in exp]).pvalue)
+    return generate_pvalue(model, prompt, m, temperature, runs, exact, **kw)
 
 
 RUNS = 3000
@@ -469,15 +448,7 @@ def _sampling_mtp(rank=3, V=4, seed=3):
 
 
 def _attach_exact(model, prompt, m, T):
-    V = model.config.vocab_size
-    seqs = list(itertools.product(range(V), repeat=m))
-    with torch.no_grad():
-        x = torch.tensor([prompt + list(s) for s in seqs])
-        lp = torch.log_softmax(model.backbone.logits(model.backbone(x)) / T, -1)  # (N, L, V)
-    P = len(prompt)
-    exact = {}
-    for i, s in enumerate(seqs):
-        exact[s] = math.exp(sum(float(lp[i, P - 1 + j, t]) for j, t in enumerate(s)))
+    exact = exact_ar(model.backbone, prompt, m, T)
     model.backbone.exact_distribution = lambda prompt_, m_, t_: exact
 
 
