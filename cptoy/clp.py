@@ -52,7 +52,6 @@ occurred earlier in the same output; the paper's own definition is not public).
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -60,10 +59,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from cptoy._checks import check_positive_int
+from cptoy._checks import check_positive_int, check_prompt_ids
 from cptoy.cp import CPDist
 from cptoy.model import GPT
 from cptoy.speculative import Proposal, propose_from_cp
+from cptoy.verifierfree import decode_unverified
 
 __all__ = [
     "ArchitectHeads",
@@ -596,10 +596,35 @@ def fit_controller(controller: nn.Module, data: ControllerData, steps: int = 300
 
 
 # ====================================================================== decoding
-def _empty_stats(strategy: str):
-    from cptoy.decoding import GenerationStats
+class _ControllerRule:
+    """The rule of :func:`verifier_free_generate` for ``cptoy.verifierfree.decode_unverified``:
+    x_1 and the greedy drafts after it, of which the controller keeps L."""
 
-    return GenerationStats(strategy=strategy, temperature=0.0)
+    def __init__(self, model, controller: str, first: str, threshold: float, m: int):
+        self.model, self.bb, self.first, self.threshold, self.m = (
+            model, model.backbone, first, threshold, m)
+        self.controller = controller
+        self.ctrl = model.controller(controller) if controller in ("clp", "gate") else None
+
+    def forward(self, chunk: list[int], cache, room: int):
+        h = self.bb(torch.tensor([chunk], dtype=torch.long), cache)[:, -1]  # (1, d)
+        return h, self.bb.logits(h)  # (1, V)
+
+    def choose(self, state, room: int) -> tuple[list[int], int]:
+        h, lg = state
+        if self.first == "backbone":
+            x1 = int(lg[0].argmax())
+        else:
+            x1 = int(self.model.heads(h).log_marginal(0)[0].argmax())
+        if room < 2 or self.controller == "none":
+            return [x1], 0
+        d, z = _drafts_and_logits(self.model, h, torch.tensor([x1]), self.m + 1)
+        drafts = d[0].tolist()
+        if self.ctrl is not None:
+            L = int(self.ctrl.predict(controller_features(h, lg, z), self.threshold)[0])
+        else:
+            L = self.m
+        return [x1] + drafts[: min(L, room - 1)], len(drafts)
 
 
 @torch.no_grad()
@@ -620,13 +645,11 @@ def verifier_free_generate(model, prompt_ids, max_new_tokens: int, controller: s
 
     and emits ``[x_1, d_2..d_{L+1}]`` (cut at ``max_new_tokens`` and after ``eos_id``).
     model: a :class:`CLPModel` (any controller) or an ``MTPModel`` ("all"/"none").
-    Returns a ``cptoy.decoding.Generation``; stats count forwards, tokens gained per forward,
-    drafts offered (``drafted_per_step``) and accepted, and time in forwards
-    (``prefill_time``/``verify_time``) and in heads + controller (``draft_time``).
+    Returns a ``cptoy.decoding.Generation`` from ``cptoy.verifierfree.decode_unverified``:
+    stats count forwards, tokens gained per forward, drafts offered (``drafted_per_step``) and
+    kept, and time in forwards (``prefill_time``/``verify_time``) and in heads + controller
+    (``draft_time``).
     """
-    from cptoy._checks import check_prompt_ids
-    from cptoy.decoding import Generation
-
     if controller not in CONTROLLERS:
         raise ValueError(f"controller must be one of {CONTROLLERS}, got {controller!r}")
     if first not in ("backbone", "head"):
@@ -641,76 +664,19 @@ def verifier_free_generate(model, prompt_ids, max_new_tokens: int, controller: s
         raise ValueError(f"n_draft must be an int in [1, {k - 1}], got {n_draft}")
     if controller in ("clp", "gate") and m != k - 1:
         raise ValueError("the CLP and gate controllers were trained with n_draft = k - 1")
-    ctrl = None
-    if controller in ("clp", "gate"):
-        if not hasattr(model, "controller"):
-            raise TypeError(f"controller {controller!r} needs a CLPModel (model.controller)")
-        ctrl = model.controller(controller)
+    if controller in ("clp", "gate") and not hasattr(model, "controller"):
+        raise TypeError(f"controller {controller!r} needs a CLPModel (model.controller)")
     if first == "head" and isinstance(model.heads, ArchitectHeads):
         raise ValueError("ArchitectHeads have no head for the first token; first='head' needs "
                          "heads with a first position (CPHeads)")
     check_positive_int(max_new_tokens, "max_new_tokens")
-    V = bb.config.vocab_size
-    prompt = check_prompt_ids(prompt_ids, V)
+    prompt = check_prompt_ids(prompt_ids, bb.config.vocab_size)
     if len(prompt) + max_new_tokens > bb.config.block_size:
         raise ValueError(f"prompt ({len(prompt)}) + max_new_tokens ({max_new_tokens}) exceeds "
                          f"block_size {bb.config.block_size}")
-    stats = _empty_stats(f"verifier-free/{controller}/{first}")
-    stats.attempted_by_position = [0] * m
-    stats.accepted_by_position = [0] * m
-    was = model.training
-    model.eval()
-    t_start = time.perf_counter()
-    try:
-        cache = bb.new_cache(1)
-        chunk = prompt
-        tokens: list[int] = []
-        while len(tokens) < max_new_tokens and (eos_id is None or not tokens
-                                                or tokens[-1] != eos_id):
-            t0 = time.perf_counter()
-            H = bb(torch.tensor([chunk], dtype=torch.long), cache)  # (1, len(chunk), d)
-            h = H[:, -1]  # (1, d)
-            lg = bb.logits(h)  # (1, V)
-            t1 = time.perf_counter()
-            if first == "backbone":
-                x1 = int(lg[0].argmax())
-            else:
-                x1 = int(model.heads(h).log_marginal(0)[0].argmax())
-            room = max_new_tokens - len(tokens) - 1
-            L = 0
-            drafts: list[int] = []
-            if room > 0 and controller != "none":
-                d, z = _drafts_and_logits(model, h, torch.tensor([x1]), m + 1)
-                drafts = d[0].tolist()
-                if ctrl is not None:
-                    L = int(ctrl.predict(controller_features(h, lg, z), threshold)[0])
-                else:
-                    L = m
-            L_kept = min(L, room)
-            emitted = [x1] + drafts[:L_kept]
-            if eos_id is not None and eos_id in emitted:
-                emitted = emitted[: emitted.index(eos_id) + 1]
-            t2 = time.perf_counter()
-            if not tokens:
-                stats.prefill_time += t1 - t0
-            else:
-                stats.verify_time += t1 - t0
-            stats.draft_time += t2 - t1
-            tokens.extend(emitted)
-            stats.arrival.extend(["first"] + ["draft"] * (len(emitted) - 1))
-            stats.forward_passes += 1
-            stats.gained_per_forward.append(len(emitted))
-            if drafts:
-                stats.drafted_per_step.append(len(drafts))
-                stats.accepted_per_step.append(len(emitted) - 1)
-                for j in range(len(drafts)):
-                    stats.attempted_by_position[j] += 1
-                    stats.accepted_by_position[j] += int(j < len(emitted) - 1)
-            chunk = emitted
-    finally:
-        model.train(was)
-    stats.wall_time = time.perf_counter() - t_start
-    return Generation(tokens=tokens, stats=stats)
+    rule = _ControllerRule(model, controller, first, threshold, m)
+    return decode_unverified(model, bb, prompt, max_new_tokens, rule,
+                             f"verifier-free/{controller}/{first}", 0.0, m, eos_id)
 
 
 # ====================================================================== comparison protocol

@@ -43,8 +43,15 @@ from dataclasses import dataclass, field, fields, is_dataclass
 
 import torch
 
-from cptoy._checks import check_positive_int, check_temperature, check_token_ids
+from cptoy._checks import (
+    check_positive_int,
+    check_prompt_ids,
+    check_temperature,
+    check_token_ids,
+)
 from cptoy.cp import CPDist
+from cptoy.speculative import propose_from_cp, sample_rows
+from cptoy.verifierfree import decode_unverified
 
 __all__ = [
     "TFResult",
@@ -404,6 +411,29 @@ def whitespace_share(text: str) -> float:
 
 
 # ====================================================================== verifier-free baseline
+class _HeadsOnly:
+    """The heads-only rule of :func:`cptoy.verifierfree.decode_unverified`: x_1 from the
+    backbone (sampled at T, argmax at 0), then every draft of the heads after it, kept."""
+
+    def __init__(self, model, k: int, T: float, gen: torch.Generator):
+        self.model, self.bb, self.k, self.T, self.gen = model, _backbone(model), k, T, gen
+
+    def forward(self, chunk: list[int], cache, room: int):
+        h = self.bb(torch.tensor([chunk], dtype=torch.long), cache)[:, -1]  # (1, d)
+        return h, self.bb.logits(h)[0].double()  # (V,)
+
+    def choose(self, state, room: int) -> tuple[list[int], int]:
+        h, lg = state
+        T, gen = self.T, self.gen
+        x1 = int(lg.argmax()) if T == 0 else int(sample_rows(torch.softmax(lg / T, -1), gen))
+        if room < 2:
+            return [x1], 0
+        kk = min(self.k, room - 1)
+        dist = self.model.heads.draft(h, torch.tensor([x1]), T if T > 0 else 1.0, n_draft=kk)
+        drafts = propose_from_cp(dist[0].detach().to("cpu", torch.float64), kk, T, gen).tokens
+        return [x1] + drafts, 0
+
+
 @torch.no_grad()
 def heads_only_generate(model, prompt_ids, max_new_tokens: int, temperature: float = 1.0,
                         seed: int | None = 0, n_draft: int | None = None):
@@ -416,9 +446,6 @@ def heads_only_generate(model, prompt_ids, max_new_tokens: int, temperature: flo
     backbone's distribution. Returns a ``cptoy.decoding.Generation`` (arrivals "first" for the
     backbone's tokens, "draft" for the unchecked ones).
     """
-    from cptoy._checks import check_prompt_ids
-    from cptoy.decoding import Generation, GenerationStats, sample_rows
-
     k = _check_n_draft(model, n_draft)
     T = check_temperature(temperature)
     check_positive_int(max_new_tokens, "max_new_tokens")
@@ -429,48 +456,8 @@ def heads_only_generate(model, prompt_ids, max_new_tokens: int, temperature: flo
                          f"block_size {bb.config.block_size}")
     gen = torch.Generator()
     gen.manual_seed(seed) if seed is not None else gen.seed()
-    t0 = time.perf_counter()
-    stats = GenerationStats(strategy="heads-only", temperature=T)
-    was_training = getattr(model, "training", False)
-    model.eval()
-    try:
-        cache = bb.new_cache(1)
-        chunk = prompt
-        tokens: list[int] = []
-        while len(tokens) < max_new_tokens:
-            tf = time.perf_counter()
-            H = bb(torch.tensor([chunk], dtype=torch.long), cache)  # (1, len(chunk), d)
-            h = H[:, -1]  # (1, d)
-            lg = bb.logits(h)[0].double()  # (V,)
-            x1 = int(lg.argmax()) if T == 0 else int(sample_rows(torch.softmax(lg / T, -1), gen))
-            dt = time.perf_counter()
-            if len(tokens) == 0:
-                stats.prefill_time += dt - tf
-            else:
-                stats.verify_time += dt - tf
-            room = max_new_tokens - len(tokens) - 1
-            drafts: list[int] = []
-            if room > 0:
-                kk = min(k, room)
-                dist = model.heads.draft(h, torch.tensor([x1]), T if T > 0 else 1.0, n_draft=kk)
-                dist = dist[0].detach().to("cpu", torch.float64)
-                if T == 0:
-                    drafts = dist.mode().tolist()
-                else:
-                    a = int(sample_rows(dist.weights, gen)) if dist.rank > 1 else 0
-                    drafts = sample_rows(dist.log_factors[:, a].exp(), gen).tolist()
-            stats.draft_time += time.perf_counter() - dt
-            emitted = [x1] + drafts
-            tokens.extend(emitted)
-            stats.arrival.extend(["first"] + ["draft"] * len(drafts))
-            stats.forward_passes += 1
-            stats.gained_per_forward.append(len(emitted))
-            chunk = emitted
-    finally:
-        if was_training:
-            model.train()
-    stats.wall_time = time.perf_counter() - t0
-    return Generation(tokens=tokens, stats=stats)
+    return decode_unverified(model, bb, prompt, max_new_tokens, _HeadsOnly(model, k, T, gen),
+                             "heads-only", T)
 
 
 # ====================================================================== decoding benchmark

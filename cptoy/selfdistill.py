@@ -42,8 +42,9 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn as nn
 
-from cptoy._checks import check_positive_int
+from cptoy._checks import check_positive_int, check_prompt_ids
 from cptoy.model import GPT
+from cptoy.verifierfree import decode_unverified
 
 __all__ = [
     "SelfDistilledMTP",
@@ -358,6 +359,27 @@ def confadapt_length(top_probs, threshold: float):
     return int(run) if p.dim() == 1 else run
 
 
+class _ConfAdaptRule:
+    """The rule of :func:`confadapt_generate` for ``cptoy.verifierfree.decode_unverified``: one
+    forward over the new tokens and kk - 1 masks, keep the confident prefix of kk outputs."""
+
+    def __init__(self, student: SelfDistilledMTP, k: int, threshold: float):
+        self.student, self.k, self.threshold = student, k, threshold
+
+    def forward(self, chunk: list[int], cache, room: int):
+        model, V = self.student.model, self.student.vocab_size
+        kk = min(self.k, room)
+        inp = torch.tensor([chunk + self.student.mask_ids[: kk - 1]], dtype=torch.long)
+        H = model(inp, cache)  # (1, len(chunk) + kk - 1, d)
+        z = model.logits(H[0, len(chunk) - 1:])[:, :V].float()  # (kk, V)
+        cache.truncate(cache.length - (kk - 1))  # forget the masks
+        return torch.softmax(z, dim=-1).max(-1)  # top-1 probabilities (kk,), tokens (kk,)
+
+    def choose(self, state, room: int) -> tuple[list[int], int]:
+        top, y = state
+        return y[: confadapt_length(top, self.threshold)].tolist(), len(y) - 1
+
+
 @torch.no_grad()
 def confadapt_generate(student: SelfDistilledMTP, prompt_ids, max_new_tokens: int,
                        threshold: float = 0.9, k: int | None = None,
@@ -369,11 +391,9 @@ def confadapt_generate(student: SelfDistilledMTP, prompt_ids, max_new_tokens: in
     the masks, emits :func:`confadapt_length` of them (capped at ``max_new_tokens``; cut after
     ``eos_id``), then rolls the cache back over the masks. ``k`` (default the student's) may be
     smaller; k = 1 is the student's plain greedy decoding. Needs ``len(prompt) +
-    max_new_tokens + k - 1 <= block_size``. Returns a ``cptoy.decoding.Generation``.
+    max_new_tokens + k - 1 <= block_size``. Returns a ``cptoy.decoding.Generation`` from
+    ``cptoy.verifierfree.decode_unverified``.
     """
-    from cptoy._checks import check_prompt_ids
-    from cptoy.decoding import Generation, GenerationStats
-
     if not isinstance(student, SelfDistilledMTP):
         raise TypeError(f"student must be a SelfDistilledMTP, got {type(student).__name__}")
     k = student.k if k is None else k
@@ -383,53 +403,11 @@ def confadapt_generate(student: SelfDistilledMTP, prompt_ids, max_new_tokens: in
             not math.isfinite(threshold):
         raise TypeError(f"threshold must be a finite number, got {threshold!r}")
     check_positive_int(max_new_tokens, "max_new_tokens")
-    model, V = student.model, student.vocab_size
-    prompt = check_prompt_ids(prompt_ids, V)
+    model = student.model
+    prompt = check_prompt_ids(prompt_ids, student.vocab_size)
     if len(prompt) + max_new_tokens + k - 1 > model.config.block_size:
         raise ValueError(f"prompt ({len(prompt)}) + max_new_tokens ({max_new_tokens}) + k - 1 "
                          f"({k - 1}) exceeds block_size {model.config.block_size}")
-    stats = GenerationStats(strategy="confadapt", temperature=0.0,
-                            attempted_by_position=[0] * (k - 1),
-                            accepted_by_position=[0] * (k - 1))
-    masks = student.mask_ids
-    was = student.training
-    student.eval()
-    t_start = time.perf_counter()
-    try:
-        cache = model.new_cache(1)
-        pending = prompt
-        tokens: list[int] = []
-        while len(tokens) < max_new_tokens and (eos_id is None or not tokens
-                                                or tokens[-1] != eos_id):
-            t0 = time.perf_counter()
-            kk = min(k, max_new_tokens - len(tokens))
-            inp = torch.tensor([pending + masks[: kk - 1]], dtype=torch.long)
-            H = model(inp, cache)  # (1, len(pending) + kk - 1, d)
-            z = model.logits(H[0, len(pending) - 1:])[:, :V].float()  # (kk, V)
-            cache.truncate(cache.length - (kk - 1))  # forget the masks
-            p = torch.softmax(z, dim=-1)
-            top, y = p.max(-1)  # (kk,), (kk,)
-            n = confadapt_length(top, threshold)
-            emitted = y[:n].tolist()
-            if eos_id is not None and eos_id in emitted:
-                emitted = emitted[: emitted.index(eos_id) + 1]
-            t1 = time.perf_counter()
-            if tokens:
-                stats.verify_time += t1 - t0
-            else:
-                stats.prefill_time += t1 - t0
-            tokens.extend(emitted)
-            stats.arrival.extend(["first"] + ["mtp"] * (len(emitted) - 1))
-            stats.forward_passes += 1
-            stats.gained_per_forward.append(len(emitted))
-            if kk > 1:
-                stats.drafted_per_step.append(kk - 1)
-                stats.accepted_per_step.append(len(emitted) - 1)
-                for j in range(kk - 1):
-                    stats.attempted_by_position[j] += 1
-                    stats.accepted_by_position[j] += int(j < len(emitted) - 1)
-            pending = emitted
-    finally:
-        student.train(was)
-    stats.wall_time = time.perf_counter() - t_start
-    return Generation(tokens=tokens, stats=stats)
+    return decode_unverified(student, model, prompt, max_new_tokens,
+                             _ConfAdaptRule(student, k, threshold), "confadapt", 0.0, k - 1,
+                             eos_id)
