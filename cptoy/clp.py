@@ -52,7 +52,6 @@ occurred earlier in the same output; the paper's own definition is not public).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -60,6 +59,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from cptoy._checks import check_positive_int, check_prompt_ids
+from cptoy.benchmark import (  # noqa: F401 (the comparison protocol, re-exported)
+    DECODER_COLUMNS,
+    LABELS,
+    Decoder,
+    DecoderRow,
+    compare_decoders,
+    prefix_agreement,
+)
 from cptoy.cp import CPDist
 from cptoy.model import GPT
 from cptoy.speculative import Proposal, propose_from_cp
@@ -88,12 +95,6 @@ __all__ = [
 ]
 
 CONTROLLERS = ("clp", "gate", "all", "none")
-# What each kind of decoder guarantees (background.md sections 3 and 4).
-LABELS = {
-    "reference": "lossless (reference)",
-    "lossless": "lossless",
-    "verifier-free": "lossy, verifier-free",
-}
 
 
 def _check_threshold(threshold, name: str = "threshold") -> float:
@@ -677,133 +678,3 @@ def verifier_free_generate(model, prompt_ids, max_new_tokens: int, controller: s
     rule = _ControllerRule(model, controller, first, threshold, m)
     return decode_unverified(model, bb, prompt, max_new_tokens, rule,
                              f"verifier-free/{controller}/{first}", 0.0, m, eos_id)
-
-
-# ====================================================================== comparison protocol
-def prefix_agreement(tokens, reference) -> float:
-    """Length of the common prefix of ``tokens`` and ``reference``, divided by
-    ``len(reference)`` (1.0: identical up to the reference's length; NaN for an empty
-    reference)."""
-    tokens, reference = list(tokens), list(reference)
-    if not reference:
-        return float("nan")
-    n = 0
-    for a, b in zip(tokens, reference, strict=False):
-        if a != b:
-            break
-        n += 1
-    return n / len(reference)
-
-
-@dataclass
-class Decoder:
-    """One decoding method for :func:`compare_decoders`."""
-
-    name: str  # row name in the table
-    kind: str  # "reference", "lossless" or "verifier-free" (see LABELS)
-    fn: Callable  # fn(prompt_ids: list[int], max_new_tokens: int) -> Generation
-
-    def __post_init__(self):
-        if self.kind not in LABELS:
-            raise ValueError(f"kind must be one of {sorted(LABELS)}, got {self.kind!r}")
-        if not callable(self.fn):
-            raise TypeError("fn must be callable(prompt_ids, max_new_tokens) -> Generation")
-
-
-@dataclass
-class DecoderRow:
-    """One row of :func:`compare_decoders` (sums over prompts)."""
-
-    method: str  # the decoder's name
-    label: str  # lossless / lossy, verifier-free (LABELS)
-    tokens_per_forward: float  # new tokens / backbone forwards (the prefill included)
-    tokens_per_second: float  # wall-clock, new tokens / seconds
-    speedup: float  # tokens_per_second / the reference's
-    agreement: float  # mean common-prefix fraction with the reference's output
-    exact: float  # fraction of prompts whose output equals the reference's
-    accuracy: float  # task: fraction of prompted answers right (nan without a scorer)
-    record_accuracy: float  # task: fraction of all complete records right
-    repetition: float  # mean fraction of repeated 4-grams (cptoy.evaluate.repetition)
-    tokens: int  # new tokens in all
-    forwards: int  # backbone forwards in all
-    seconds: float  # wall time in all
-    generations: list = field(default_factory=list, repr=False)
-
-
-def compare_decoders(decoders: list[Decoder], prompts, max_new_tokens: int,
-                     reference: str | None = None, scorer: Callable | None = None,
-                     warmup: bool = True, rounds: int = 1) -> list[DecoderRow]:
-    """Run every decoder on every prompt, interleaved prompt by prompt, and measure.
-
-    prompts: list of token-id lists. reference: the decoder whose outputs define agreement and
-    speed-up (default: the first one). scorer: ``scorer(list_of_token_lists) -> TaskScore``
-    (e.g. ``lambda outs: task.score(task_prompts, outs)``), for task accuracy. ``warmup``
-    decodes the first prompt once per decoder, untimed. ``rounds`` > 1 repeats the timing
-    (outputs are deterministic) and keeps each decoder's fastest round, which damps the noise of
-    a shared CPU.
-    """
-    if not decoders:
-        raise ValueError("decoders must not be empty")
-    names = [d.name for d in decoders]
-    if len(set(names)) != len(names):
-        raise ValueError(f"decoder names must be distinct, got {names}")
-    ref = names[0] if reference is None else reference
-    if ref not in names:
-        raise ValueError(f"reference {ref!r} is not among the decoders {names}")
-    if not prompts:
-        raise ValueError("prompts must be a non-empty list")
-    check_positive_int(max_new_tokens, "max_new_tokens")
-    check_positive_int(rounds, "rounds")
-    from cptoy.evaluate import repetition
-
-    if warmup:
-        for d in decoders:
-            d.fn(list(prompts[0]), min(8, max_new_tokens))
-    gens = {d.name: [None] * len(prompts) for d in decoders}
-    best = {d.name: math.inf for d in decoders}
-    for _ in range(rounds):
-        secs = {d.name: 0.0 for d in decoders}
-        for i, p in enumerate(prompts):
-            for d in decoders:
-                g = d.fn(list(p), max_new_tokens)
-                gens[d.name][i] = g
-                secs[d.name] += g.stats.wall_time
-        for n in names:
-            best[n] = min(best[n], secs[n])
-    rows = []
-    for d in decoders:
-        gs = gens[d.name]
-        toks = sum(len(g.tokens) for g in gs)
-        fwd = sum(g.stats.forward_passes for g in gs)
-        refs = gens[ref]
-        acc = rec = float("nan")
-        if scorer is not None:
-            s = scorer([g.tokens for g in gs])
-            acc, rec = s.answer_accuracy, s.record_accuracy
-        reps = [repetition(g.tokens) for g in gs]
-        reps = [r for r in reps if not math.isnan(r)]
-        rows.append(DecoderRow(
-            method=d.name, label=LABELS[d.kind], tokens_per_forward=toks / max(fwd, 1),
-            tokens_per_second=toks / best[d.name] if best[d.name] > 0 else float("nan"),
-            speedup=float("nan"),
-            agreement=sum(prefix_agreement(g.tokens, r.tokens) for g, r in zip(gs, refs,
-                                                                               strict=True))
-            / len(gs),
-            exact=sum(g.tokens == r.tokens for g, r in zip(gs, refs, strict=True)) / len(gs),
-            accuracy=acc, record_accuracy=rec,
-            repetition=sum(reps) / len(reps) if reps else float("nan"),
-            tokens=toks, forwards=fwd, seconds=best[d.name], generations=gs,
-        ))
-    r0 = next(r for r in rows if r.method == ref)
-    for r in rows:
-        r.speedup = r.tokens_per_second / r0.tokens_per_second
-    return rows
-
-
-# columns of a DecoderRow table for cptoy.evaluate.format_table
-DECODER_COLUMNS = [
-    ("method", "method"), ("kind", "label"), ("tokens/forward", "tokens_per_forward"),
-    ("speed-up (wall)", "speedup"), ("agreement with AR", "agreement"),
-    ("= AR", "exact"), ("task accuracy", "accuracy"), ("record accuracy", "record_accuracy"),
-    ("repeated 4-grams", "repetition"),
-]

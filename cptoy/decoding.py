@@ -67,7 +67,8 @@ from cptoy._checks import check_positive_int, check_prompt_ids, check_temperatur
 from cptoy.speculative import ROUTINGS, PointQ, Proposal, probs, sample_rows, verify
 
 __all__ = ["Generation", "GenerationStats", "StepRecord", "generate", "lookup_drafts",
-           "PromptLookup", "check_routing", "sample_rows", "STRATEGIES", "ARRIVALS"]
+           "PromptLookup", "check_routing", "check_n_draft", "sample_rows", "STRATEGIES",
+           "ARRIVALS"]
 
 STRATEGIES = ("ar", "self-spec", "lookup")
 # how a token arrived (GenerationStats.arrival): the backbone's own token, an accepted draft,
@@ -215,6 +216,21 @@ def check_routing(routing, model=None) -> str:
             raise TypeError("routing='expert' needs heads that can draft from one expert "
                             "(cptoy.heads.CPHeads, cptoy.firsttoken.FirstTokenHeads)")
     return routing
+
+
+def check_n_draft(model, n_draft) -> int:
+    """Drafts per step for a model whose heads draft (``model.heads.draft``, ``n_future``):
+    ``n_draft`` in [1, n_future - 1], default n_future - 1."""
+    n_future = getattr(model, "n_future", None)
+    heads = getattr(model, "heads", None)
+    if heads is None or not hasattr(heads, "draft") or n_future is None or n_future < 2:
+        raise TypeError("model must be an MTPModel with CP heads and n_future >= 2 "
+                        "(model.heads.draft, model.n_future)")
+    k = n_future - 1 if n_draft is None else n_draft
+    check_positive_int(k, "n_draft")
+    if k > n_future - 1:
+        raise ValueError(f"n_draft must be in [1, n_future - 1 = {n_future - 1}], got {k}")
+    return k
 
 
 def _backbone(model):

@@ -5,7 +5,7 @@ tokens the previous step emitted (the prompt at first; KV cache), then a *rule* 
 forward into the next tokens, ``x_1`` followed by drafts that nothing checks. The output is
 *lossy*: it need not have the backbone's law. The rules:
 
-* heads-only (``cptoy.evaluate.heads_only_generate``): keep x_1 and every draft;
+* heads-only (:func:`heads_only_generate`): keep x_1 and every draft;
 * CLP / gate network / all / none (``cptoy.clp.verifier_free_generate``): a controller
   decides how many of the drafts to keep;
 * ConfAdapt (``cptoy.selfdistill.confadapt_generate``): keep the longest prefix whose top-1
@@ -24,9 +24,13 @@ from __future__ import annotations
 import time
 from typing import Protocol
 
-from cptoy.decoding import Generation, GenerationStats
+import torch
 
-__all__ = ["KeepRule", "decode_unverified"]
+from cptoy._checks import check_positive_int, check_prompt_ids, check_temperature
+from cptoy.decoding import Generation, GenerationStats, check_n_draft
+from cptoy.speculative import propose_from_cp, sample_rows
+
+__all__ = ["KeepRule", "decode_unverified", "heads_only_generate"]
 
 
 class KeepRule(Protocol):
@@ -82,3 +86,53 @@ def decode_unverified(module, backbone, prompt: list[int], max_new_tokens: int, 
         module.train(was)
     stats.wall_time = time.perf_counter() - t_start
     return Generation(tokens=tokens, stats=stats)
+
+
+# ====================================================================== heads-only
+class _HeadsOnly:
+    """The heads-only rule of :func:`cptoy.verifierfree.decode_unverified`: x_1 from the
+    backbone (sampled at T, argmax at 0), then every draft of the heads after it, kept."""
+
+    def __init__(self, model, k: int, T: float, gen: torch.Generator):
+        self.model, self.bb, self.k, self.T, self.gen = model, model.backbone, k, T, gen
+
+    def forward(self, chunk: list[int], cache, room: int):
+        h = self.bb(torch.tensor([chunk], dtype=torch.long), cache)[:, -1]  # (1, d)
+        return h, self.bb.logits(h)[0].double()  # (V,)
+
+    def choose(self, state, room: int) -> tuple[list[int], int]:
+        h, lg = state
+        T, gen = self.T, self.gen
+        x1 = int(lg.argmax()) if T == 0 else int(sample_rows(torch.softmax(lg / T, -1), gen))
+        if room < 2:
+            return [x1], 0
+        kk = min(self.k, room - 1)
+        dist = self.model.heads.draft(h, torch.tensor([x1]), T if T > 0 else 1.0, n_draft=kk)
+        drafts = propose_from_cp(dist[0].detach().to("cpu", torch.float64), kk, T, gen).tokens
+        return [x1] + drafts, 0
+
+
+@torch.no_grad()
+def heads_only_generate(model, prompt_ids, max_new_tokens: int, temperature: float = 1.0,
+                        seed: int | None = 0, n_draft: int | None = None):
+    """Verifier-free multi-token decoding (lossy): keep every draft without checking it.
+
+    Each forward over ``[x_1, d_2..d_{k+1}]`` (KV cache) yields, at its last position, the
+    backbone's next token x_1' (sampled at ``temperature``, argmax at 0) and the heads' drafts
+    after it (sampled from the tempered CP conditioned on x_1', its mode at 0). All k + 1 tokens
+    are kept, so tokens per forward is k + 1 by construction, but the output no longer has the
+    backbone's distribution. Returns a ``cptoy.decoding.Generation`` (arrivals "first" for the
+    backbone's tokens, "draft" for the unchecked ones).
+    """
+    k = check_n_draft(model, n_draft)
+    T = check_temperature(temperature)
+    check_positive_int(max_new_tokens, "max_new_tokens")
+    bb = model.backbone
+    prompt = check_prompt_ids(prompt_ids, bb.config.vocab_size)
+    if len(prompt) + max_new_tokens > bb.config.block_size:
+        raise ValueError(f"prompt ({len(prompt)}) + max_new_tokens ({max_new_tokens}) exceeds "
+                         f"block_size {bb.config.block_size}")
+    gen = torch.Generator()
+    gen.manual_seed(seed) if seed is not None else gen.seed()
+    return decode_unverified(model, bb, prompt, max_new_tokens, _HeadsOnly(model, k, T, gen),
+                             "heads-only", T)
