@@ -48,6 +48,7 @@ from cptoy.benchmark import (  # noqa: F401 (re-exported: the names bench/ and n
     whitespace_share,
 )
 from cptoy.cp import CPDist
+from cptoy.data import load_corpus
 from cptoy.decoding import check_n_draft, check_routing
 from cptoy.verifierfree import heads_only_generate  # noqa: F401 (re-exported)
 
@@ -456,8 +457,6 @@ def predicted_speedup(tokens_per_forward: float, cost: list[CostRow], k: int) ->
 def heldout_text(corpus: str = "code", max_chars: int | None = 200_000) -> str:
     """The first ``max_chars`` characters (None: all) of a corpus's validation split
     (``cptoy.data.load_corpus(corpus).val``): text no shipped model was trained on."""
-    from cptoy.data import load_corpus
-
     if corpus not in ("code", "shakespeare"):
         raise ValueError(f"corpus must be 'code' or 'shakespeare', got {corpus!r}")
     if max_chars is not None:

@@ -32,9 +32,12 @@ import torch.nn.functional as F
 
 from cptoy._checks import check_positive_int
 from cptoy.cp import CPDist
-from cptoy.heads import DraftingHeads, DraftStep, MTPModel
+from cptoy.data import encode_corpus, load_corpus, tokenizer_from_dict
+from cptoy.heads import DraftingHeads, DraftStep, MTPModel, check_backbone_config
 from cptoy.model import GPT, GPTConfig
 from cptoy.persist import atomic_save, module_fingerprint, read_torch_file, shipped_path
+from cptoy.recipes import check_slice_ids, check_slice_metrics
+from cptoy.train import TrainConfig, evaluate_loss, train
 
 FORMAT = "cptoy-first-token-heads"  # the "format" entry of a first-token-heads checkpoint
 FORMAT_VERSION = 1
@@ -191,16 +194,12 @@ class FirstTokenModel(nn.Module):
     def __init__(self, config: GPTConfig, n_future: int, positions: int | None = 32,
                  seed: int = 0):
         super().__init__()
-        backbone = config if isinstance(config, GPT) else None
-        if backbone is not None:
-            config = backbone.config
-        if not isinstance(config, GPTConfig):
-            raise TypeError(
-                f"config must be a GPTConfig or a GPT backbone, got {type(config).__name__}")
+        check_backbone_config(config)
         if positions is not None:
             check_positive_int(positions, "positions")
         self.n_future, self.positions, self.seed = n_future, positions, seed
-        self.backbone = GPT(config) if backbone is None else backbone
+        self.backbone = config if isinstance(config, GPT) else GPT(config)
+        config = self.backbone.config
         for p in self.backbone.parameters():
             p.requires_grad_(False)
         self.heads = FirstTokenHeads(config.n_embd, config.vocab_size, n_future,
@@ -348,10 +347,6 @@ def is_first_token_checkpoint(path) -> bool:
 def main(argv=None) -> None:
     """Train first-token heads on a shipped rank-1 checkpoint's frozen backbone (the recipe of
     the shipped ``<corpus>_x1`` checkpoints)."""
-    from cptoy.data import encode_corpus, load_corpus, tokenizer_from_dict
-    from cptoy.recipes import check_slice_ids, check_slice_metrics
-    from cptoy.train import TrainConfig, evaluate_loss, train
-
     p = argparse.ArgumentParser(prog="python -m cptoy.firsttoken", description=main.__doc__)
     p.add_argument("--corpus", default="code", choices=["code", "shakespeare"])
     p.add_argument("--minutes", type=float, default=10.0)

@@ -43,6 +43,7 @@ import torch
 import torch.nn as nn
 
 from cptoy._checks import check_positive_int, check_prompt_ids
+from cptoy.data import TokenDataset
 from cptoy.model import GPT
 from cptoy.verifierfree import decode_unverified
 
@@ -229,8 +230,6 @@ def distill(student: SelfDistilledMTP, teacher: GPT, ids, cfg: DistillConfig,
     (``requires_grad=False``, eval mode) and must be the starting model (the same config but
     V). Returns a history ``{"train": [records], "steps", "seconds"}``.
     """
-    from cptoy.data import TokenDataset
-
     if not isinstance(student, SelfDistilledMTP):
         raise TypeError(f"student must be a SelfDistilledMTP, got {type(student).__name__}")
     if not isinstance(teacher, GPT):
@@ -319,8 +318,6 @@ def mtp_agreement(student: SelfDistilledMTP, teacher: GPT, ids, num: int = 256,
     greedy tokens. Returns ``{"by_position": [k floats], "leading": mean length of the leading
     run of matches (0..k)}``: position 0 is the ordinary next token.
     """
-    from cptoy.data import TokenDataset
-
     check_positive_int(num, "num")
     k = student.k
     t = student.config.block_size - k if context is None else context

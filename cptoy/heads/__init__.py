@@ -13,10 +13,10 @@
 from cptoy.heads.cp import CPHeads
 from cptoy.heads.drafting import DraftingHeads, DraftStep, frequency_shortlist
 from cptoy.heads.fused import FusedCPLogProb, HeadTerms
-from cptoy.heads.mtp import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, MTPModel
+from cptoy.heads.mtp import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, MTPModel, check_backbone_config
 from cptoy.persist import read_torch_file
 
 _FusedCPLogProb = FusedCPLogProb  # the name notebook 03 cites
 
 __all__ = ["CPHeads", "MTPModel", "HeadTerms", "DraftStep", "DraftingHeads", "FusedCPLogProb",
-           "frequency_shortlist", "read_torch_file", "CHECKPOINT_FORMAT", "CHECKPOINT_VERSION"]
+           "frequency_shortlist", "read_torch_file", "check_backbone_config", "CHECKPOINT_FORMAT", "CHECKPOINT_VERSION"]

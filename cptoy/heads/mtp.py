@@ -15,10 +15,18 @@ from cptoy.heads.cp import CPHeads
 from cptoy.model import GPT, GPTConfig
 from cptoy.persist import atomic_save, read_torch_file
 
-__all__ = ["MTPModel", "CHECKPOINT_FORMAT", "CHECKPOINT_VERSION"]
+__all__ = ["MTPModel", "check_backbone_config", "CHECKPOINT_FORMAT", "CHECKPOINT_VERSION"]
 
 CHECKPOINT_FORMAT = "cptoy-mtp"  # the "format" entry of every checkpoint written by MTPModel.save
 CHECKPOINT_VERSION = 1  # bump when the layout changes; load() refuses newer versions
+
+
+def check_backbone_config(config) -> None:
+    """``config`` must be a :class:`GPTConfig` (a new backbone) or a :class:`GPT` (used as it
+    is); TypeError otherwise."""
+    if not isinstance(config, (GPT, GPTConfig)):
+        raise TypeError(
+            f"config must be a GPTConfig or a GPT backbone, got {type(config).__name__}")
 
 
 def _check_head_positions(hp):
@@ -72,12 +80,7 @@ class MTPModel(nn.Module):
         chunk_size: int | None = None,
     ):
         super().__init__()
-        backbone = config if isinstance(config, GPT) else None
-        if backbone is not None:
-            config = backbone.config
-        if not isinstance(config, GPTConfig):
-            raise TypeError(
-                f"config must be a GPTConfig or a GPT backbone, got {type(config).__name__}")
+        check_backbone_config(config)
         check_positive_int(n_future, "n_future")
         check_positive_int(rank, "rank")
         check_nonneg_number(load_balance_coef, "load_balance_coef")
@@ -89,7 +92,8 @@ class MTPModel(nn.Module):
         self.joint_weight = float(joint_weight)
         self.expert_dim = expert_dim
         self.seed = seed
-        self.backbone = GPT(config) if backbone is None else backbone
+        self.backbone = config if isinstance(config, GPT) else GPT(config)
+        config = self.backbone.config
         self.heads = CPHeads(
             config.n_embd,
             config.vocab_size,
