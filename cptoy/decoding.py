@@ -26,7 +26,8 @@ Batch size is 1: :func:`generate` decodes one sequence. All randomness comes fro
 ``torch.Generator`` seeded by ``seed``. The rule itself (accept, residual, bonus) and the
 drafting protocol (``drafter.propose(h, x1, k, temperature, generator) -> Proposal``) live in
 :mod:`cptoy.speculative`; a model's ``heads`` are its drafter, :class:`PromptLookup` is the
-drafter of ``"lookup"``.
+drafter of ``"lookup"``; a drafter with ``bind(prompt, tokens)`` (one that reads the text, like
+``cptoy.selfdistill.MaskDrafter``) is bound to the call's lists first.
 
 Drafts at temperature T > 0 are drawn ancestrally from the heads' tempered CP (an expert from the
 posterior gate, then every position from that expert's factors); each is verified against the
@@ -263,7 +264,8 @@ def _check_n_draft(model, strategy: str, n_draft) -> int:
     """Drafts per step for ``strategy`` (0 for "ar"), validated against the model."""
     n_future = getattr(model, "n_future", None)
     if strategy == "self-spec":
-        if not hasattr(getattr(model, "heads", None), "propose"):
+        heads = getattr(model, "heads", None)
+        if not (hasattr(heads, "propose") or hasattr(heads, "bind")):
             raise TypeError("strategy 'self-spec' needs a model whose heads draft "
                             "(model.heads.propose, see cptoy.speculative)")
         if n_future is None or n_future < 2:
@@ -375,6 +377,8 @@ def _decode(model, backbone, prompt, max_new, temperature, strategy, gen, eos_id
     tokens: list[int] = []
     drafter = (model.heads if strategy == "self-spec" else
                PromptLookup(prompt, tokens, lookup_ngram, V) if strategy == "lookup" else None)
+    if hasattr(drafter, "bind"):  # a drafter that reads the text: bound to this call's lists
+        drafter = drafter.bind(prompt, tokens)
 
     # ---------------------------------------------------------------- prefill
     t0 = time.perf_counter()

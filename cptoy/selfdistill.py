@@ -31,6 +31,11 @@ masks (KV cache) gives k greedy tokens with their top-1 probabilities; emit the 
 whose top-1 probabilities all *exceed* ``threshold`` (:func:`confadapt_length`), and always at
 least the first token (the ordinary next-token prediction). No verifier: it is lossy, and
 ``threshold >= 1`` gives exactly one token per forward (the student's own greedy decoding).
+
+Lossless decoding (:class:`SelfSpecModel`): the student drafts k tokens per pass
+(:class:`MaskDrafter`, one factor per position) and a backbone verifies them with
+``cptoy.decoding.generate(..., strategy="self-spec")``: the output has exactly that backbone's
+law.
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ import torch.nn as nn
 from cptoy._checks import check_positive_int, check_prompt_ids
 from cptoy.data import TokenDataset
 from cptoy.model import GPT
+from cptoy.speculative import FactorQ, Proposal, sample_index
 from cptoy.verifierfree import decode_unverified
 
 __all__ = [
@@ -55,6 +61,8 @@ __all__ = [
     "confadapt_length",
     "confadapt_generate",
     "mtp_agreement",
+    "MaskDrafter",
+    "SelfSpecModel",
 ]
 
 
@@ -333,6 +341,75 @@ def mtp_agreement(student: SelfDistilledMTP, teacher: GPT, ids, num: int = 256,
     match = (ys == yt).float()
     return {"by_position": match.mean(0).tolist(),
             "leading": float(match.cumprod(1).sum(1).mean())}
+
+
+# ====================================================================== drafting for verification
+class MaskDrafter(nn.Module):
+    """The student as a drafter for lossless self-speculative decoding (``cptoy.speculative``).
+
+    One student pass over the text so far, then x_1 and k - 1 mask ids, gives k drafts: the
+    output at x_1 drafts d_2, the output at mask j drafts d_{j+2}. The drafts are drawn
+    independently from softmax(logits / T) per position (argmax at T = 0), so q is one factor
+    per position (:class:`cptoy.speculative.FactorQ`). The student keeps its own KV cache of the
+    decoder's output (:meth:`bind`), fed with the tokens added since its last pass.
+    """
+
+    routings = ("mixture",)
+    rank = 1
+
+    def __init__(self, student: SelfDistilledMTP):
+        super().__init__()
+        if not isinstance(student, SelfDistilledMTP):
+            raise TypeError(f"student must be a SelfDistilledMTP, got {type(student).__name__}")
+        self.student = student
+        self.vocab_size = student.vocab_size
+
+    def bind(self, prompt: list[int], tokens: list[int]) -> _BoundMaskDrafter:
+        """A drafter for one ``generate`` call: it reads ``prompt + tokens`` (the decoder's
+        lists, which only grow) at every proposal."""
+        return _BoundMaskDrafter(self.student, prompt, tokens)
+
+
+class _BoundMaskDrafter:
+    def __init__(self, student: SelfDistilledMTP, prompt: list[int], tokens: list[int]):
+        self.student, self.prompt, self.tokens = student, prompt, tokens
+        self.cache = student.model.new_cache(1)
+        self.fed = 0  # tokens of prompt + tokens in the student's cache
+
+    def propose(self, hidden, x1: int, k: int, temperature: float, generator=None,
+                routing: str = "mixture") -> Proposal:
+        st, V = self.student, self.student.vocab_size
+        if k > st.k:
+            raise ValueError(f"the student drafts at most k = {st.k} tokens, {k} asked")
+        text = self.prompt + self.tokens  # ends with x1
+        new = text[self.fed:]
+        dev = next(st.model.parameters()).device
+        inp = torch.tensor([new + st.mask_ids[: k - 1]], dtype=torch.long, device=dev)
+        H = st.model(inp, self.cache)  # (1, len(new) + k - 1, d)
+        z = st.model.logits(H[0, len(new) - 1:])[:, :V].double()  # (k, V): at x_1 and masks
+        self.cache.truncate(self.cache.length - (k - 1))  # forget the masks
+        self.fed = len(text)
+        if temperature == 0:
+            drafts = z.argmax(-1).tolist()
+            return Proposal(drafts, FactorQ(drafts, logits=z), gate_posterior=[1.0])
+        p = torch.softmax(z / temperature, dim=-1)  # (k, V) float64
+        _, drafts = sample_index(p, generator)
+        return Proposal(drafts, FactorQ(drafts, probs=p), gate_posterior=[1.0])
+
+
+class SelfSpecModel(nn.Module):
+    """What ``cptoy.decoding.generate(strategy="self-spec")`` needs to verify a student's drafts
+    with a backbone: ``backbone`` (the verifier, a GPT over the same V ids, e.g. the model the
+    student was distilled from), ``heads`` (a :class:`MaskDrafter`) and ``n_future = k + 1``."""
+
+    def __init__(self, student: SelfDistilledMTP, verifier: GPT):
+        super().__init__()
+        if not isinstance(verifier, GPT):
+            raise TypeError(f"verifier must be a cptoy.model.GPT, got {type(verifier).__name__}")
+        if verifier.config.vocab_size != student.vocab_size:
+            raise ValueError(f"verifier vocab {verifier.config.vocab_size} != the student's "
+                             f"{student.vocab_size}")
+        self.backbone, self.heads, self.n_future = verifier, MaskDrafter(student), student.k + 1
 
 
 # ====================================================================== ConfAdapt decoding

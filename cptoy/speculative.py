@@ -19,8 +19,9 @@ as q is the law the drafts were drawn from. At temperature 0 acceptance is ``d_j
 and q is never read, so a drafter may leave it unevaluated (every q here is lazy).
 
 Drafters in cptoy: ``cptoy.heads.CPHeads`` and ``cptoy.firsttoken.FirstTokenHeads`` (through
-``DraftingHeads.propose``), ``cptoy.clp.ArchitectHeads``,
-``cptoy.decoding.PromptLookup``; any CP over the drafted positions becomes a proposal with
+``DraftingHeads.propose``), ``cptoy.clp.ArchitectHeads``, ``cptoy.selfdistill.MaskDrafter``,
+``cptoy.decoding.PromptLookup``; a drafter that reads the text so far has ``bind(prompt,
+tokens)``, which ``generate`` calls once per call; any CP over the drafted positions becomes a proposal with
 :func:`propose_from_cp`. ``cptoy.decoding.generate`` runs the loop.
 
 All arithmetic of the rule is float64 on the CPU; all randomness comes from the caller's

@@ -5,7 +5,8 @@ One tiny GPT (V = 4, float64) for all of them; the first four new tokens of 1500
 compared by a chi-square test with the exact law of those four tokens, enumerated over all 256
 continuations (``tests/stats.py``). Each drafter is perturbed so that both the accept path and
 the residual path run (checked). The drafters: CP heads with mixture and with one-expert routing,
-first-token heads, Backbone-as-Architect heads and prompt lookup; the negative control reports a
+first-token heads, Backbone-as-Architect heads, a self-distilled student's mask outputs and
+prompt lookup; the negative control reports a
 q the drafts were not drawn from, and the same test rejects it.
 """
 
@@ -21,6 +22,7 @@ from cptoy.decoding import generate
 from cptoy.firsttoken import FirstTokenModel
 from cptoy.heads import MTPModel
 from cptoy.model import GPT, GPTConfig
+from cptoy.selfdistill import SelfDistilledMTP, SelfSpecModel
 from cptoy.speculative import FactorQ, Proposal
 
 V, N_FUTURE, T, M, RUNS = 4, 4, 0.9, 4, 1500
@@ -58,12 +60,17 @@ def _drafter_model(kind: str, gpt: GPT):
         heads = ArchitectHeads(gpt.config.n_embd, V, N_FUTURE, gpt.unembedding).double()
         _perturb(heads, 0.5, 3)
         return FakeMTP(gpt, heads, N_FUTURE), {}, PROMPT
+    if kind == "self-distilled":  # the student's mask outputs draft, the base model verifies
+        student = SelfDistilledMTP(gpt, k=N_FUTURE - 1, seed=4).double()
+        _perturb(student.model, 0.05, 4)
+        return SelfSpecModel(student, gpt), {}, PROMPT
     if kind == "lookup":
         return gpt, dict(strategy="lookup", n_draft=3), LOOKUP_PROMPT
     raise ValueError(kind)
 
 
-@pytest.mark.parametrize("kind", ["cp-mixture", "cp-expert", "first-token", "architect", "lookup"])
+@pytest.mark.parametrize("kind", ["cp-mixture", "cp-expert", "first-token", "architect",
+                                  "self-distilled", "lookup"])
 def test_self_spec_is_exact_for_every_drafter(kind, gpt):
     model, kw, prompt = _drafter_model(kind, gpt)
     kw = dict(dict(strategy="self-spec"), **kw)
