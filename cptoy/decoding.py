@@ -197,14 +197,18 @@ def lookup_drafts(context, ngram: int, k: int) -> list[int]:
 
 class PromptLookup:
     """The drafter of ``strategy="lookup"``: :func:`lookup_drafts` on the decoder's output so
-    far (``prompt + tokens``, both lists it reads at every call), q a point mass on each draft."""
+    far, q a point mass on each draft. Like every drafter that reads the text, it is bound to a
+    ``generate`` call's lists first (``bind(prompt, tokens)``; they only grow)."""
 
-    def __init__(self, prompt: list[int], tokens: list[int], ngram: int, vocab_size: int):
-        self.prompt, self.tokens, self.ngram, self.vocab_size = prompt, tokens, ngram, vocab_size
+    def __init__(self, ngram: int, vocab_size: int, prompt=(), tokens=()):
+        self.ngram, self.vocab_size, self.prompt, self.tokens = ngram, vocab_size, prompt, tokens
+
+    def bind(self, prompt: list[int], tokens: list[int]) -> PromptLookup:
+        return PromptLookup(self.ngram, self.vocab_size, prompt, tokens)
 
     def propose(self, hidden, x1: int, k: int, temperature: float, generator=None,
                 routing: str = "mixture") -> Proposal:
-        drafts = lookup_drafts(self.prompt + self.tokens, self.ngram, k)
+        drafts = lookup_drafts(list(self.prompt) + list(self.tokens), self.ngram, k)
         return Proposal(drafts, PointQ(drafts, self.vocab_size))
 
 
@@ -376,7 +380,7 @@ def _decode(model, backbone, prompt, max_new, temperature, strategy, gen, eos_id
     steps: list[StepRecord] | None = [] if record else None
     tokens: list[int] = []
     drafter = (model.heads if strategy == "self-spec" else
-               PromptLookup(prompt, tokens, lookup_ngram, V) if strategy == "lookup" else None)
+               PromptLookup(lookup_ngram, V) if strategy == "lookup" else None)
     if hasattr(drafter, "bind"):  # a drafter that reads the text: bound to this call's lists
         drafter = drafter.bind(prompt, tokens)
 
