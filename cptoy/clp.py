@@ -43,7 +43,7 @@ gate network accepts drafts left to right while ``sigmoid(gate_j) > threshold``.
 Verifier-free decoding (:func:`verifier_free_generate`) is *lossy*: nothing checks the accepted
 drafts, so the output can differ from greedy decoding. Each step is one forward of the backbone
 over the tokens emitted by the previous step (KV cache), so tokens per forward is the mean of
-1 + L. :func:`compare_decoders` measures any set of decoders on the same prompts: tokens per
+1 + L. :func:`compare_decoders` (``cptoy.benchmark``, re-exported here) measures any set of decoders on the same prompts: tokens per
 forward, wall-clock speed-up, agreement with greedy autoregressive output, task accuracy and
 the repetition ratio of ``cptoy.evaluate.repetition`` (the fraction of 4-grams that already
 occurred earlier in the same output; the paper's own definition is not public).

@@ -68,7 +68,8 @@ from cptoy._checks import check_positive_int, check_prompt_ids, check_temperatur
 from cptoy.speculative import ROUTINGS, PointQ, Proposal, probs, sample_rows, verify
 
 __all__ = ["Generation", "GenerationStats", "StepRecord", "generate", "lookup_drafts",
-           "PromptLookup", "check_routing", "check_n_draft", "sample_rows", "STRATEGIES",
+           "PromptLookup", "check_routing", "check_n_draft", "backbone_of", "device_of",
+           "sample_rows", "STRATEGIES",
            "ARRIVALS"]
 
 STRATEGIES = ("ar", "self-spec", "lookup")
@@ -238,13 +239,14 @@ def check_n_draft(model, n_draft) -> int:
     return k
 
 
-def _backbone(model):
+def backbone_of(model):
     """An MTPModel's backbone, or the model itself when it is a bare backbone."""
     bb = getattr(model, "backbone", None)
     return bb if bb is not None else model
 
 
-def _device(module) -> torch.device:
+def device_of(module) -> torch.device:
+    """The device of a module's first parameter (or buffer); the CPU when it has neither."""
     try:
         return next(module.parameters()).device
     except (AttributeError, StopIteration):
@@ -335,7 +337,7 @@ def generate(
     t_start = time.perf_counter()
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
-    backbone = _backbone(model)
+    backbone = backbone_of(model)
     V, block = backbone.config.vocab_size, backbone.config.block_size
     prompt = check_prompt_ids(prompt_ids, V)
     check_positive_int(max_new_tokens, "max_new_tokens")
@@ -372,7 +374,7 @@ def generate(
 def _decode(model, backbone, prompt, max_new, temperature, strategy, gen, eos_id, n_draft,
             lookup_ngram, record, routing) -> Generation:
     """The decode loop: a prefill, then draft -> one forward over [x_1, drafts] -> verify."""
-    device = _device(backbone)
+    device = device_of(backbone)
     P, V = len(prompt), backbone.config.vocab_size
     stats = GenerationStats(strategy=strategy, temperature=temperature,
                             attempted_by_position=[0] * n_draft,

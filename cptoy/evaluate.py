@@ -49,7 +49,7 @@ from cptoy.benchmark import (  # noqa: F401 (re-exported: the names bench/ and n
 )
 from cptoy.cp import CPDist
 from cptoy.data import load_corpus
-from cptoy.decoding import check_n_draft, check_routing
+from cptoy.decoding import backbone_of, check_n_draft, check_routing, device_of
 from cptoy.verifierfree import heads_only_generate  # noqa: F401 (re-exported)
 
 __all__ = [
@@ -73,11 +73,6 @@ __all__ = [
 ]
 
 _CHUNK_BYTES = 32 * 2**20  # budget for one chunk's (c, k, r, V) float64 factors
-
-
-def _backbone(model):
-    bb = getattr(model, "backbone", None)
-    return bb if bb is not None else model
 
 
 # ====================================================================== teacher forcing
@@ -192,7 +187,7 @@ def teacher_forced_acceptance(
     k = check_n_draft(model, n_draft)
     T = check_temperature(temperature)
     check_routing(routing, model)
-    backbone = _backbone(model)
+    backbone = backbone_of(model)
     V, block = backbone.config.vocab_size, backbone.config.block_size
     ids = check_token_ids(ids, V)
     check_positive_int(min_context, "min_context")
@@ -233,7 +228,7 @@ def teacher_forced_acceptance(
                 break
             w = ids[start:end]  # (L,)
             L = w.numel()
-            H = backbone(w[None].to(_device(backbone)))[0]  # (L, d)
+            H = backbone(w[None].to(device_of(backbone)))[0]  # (L, d)
             logits = backbone.logits(H).to("cpu", torch.float64)  # (L, V)
             t_loc = torch.arange(first, L - k_win - 1)[:remaining]  # (m,) local positions
             remaining -= t_loc.numel()
@@ -284,13 +279,6 @@ def teacher_forced_acceptance(
         greedy_per_position=1 + G.sum(1), spec_per_position=1.0 + S.sum(1),
         positions=torch.cat(pos_all), context_starts=torch.cat(start_all), seconds=time.perf_counter() - t_start,
     )
-
-
-def _device(module) -> torch.device:
-    try:
-        return next(module.parameters()).device
-    except (AttributeError, StopIteration):
-        return torch.device("cpu")
 
 
 def _draft(heads, h, x1, temperature: float, k: int) -> CPDist:
@@ -375,7 +363,7 @@ def verify_cost(model, k_values=(1, 2, 3, 4, 5, 6), context_length: int = 64,
     forward, measured here), which would move a median; the lower quartile is the cost of the
     computation itself.
     """
-    bb = _backbone(model)
+    bb = backbone_of(model)
     T = check_temperature(temperature)
     if isinstance(k_values, int):
         k_values = (k_values,)
@@ -398,7 +386,7 @@ def verify_cost(model, k_values=(1, 2, 3, 4, 5, 6), context_length: int = 64,
     ids = torch.randint(0, V, (1, context_length + max(ks)), generator=g)
     was_training = getattr(model, "training", False)
     model.eval()
-    dev = _device(bb)
+    dev = device_of(bb)
     ids = ids.to(dev)
     times = {k: [] for k in ks}
     dtimes = {k: [] for k in ks}

@@ -12,8 +12,8 @@ CP over positions 1..n they are rank V: one expert per value of x_1, whose posit
 point mass, so the posterior after x_1 is exact instead of an r-way guess.
 
 Decoding with them is lossless like any drafter (q is the factor the drafts came from):
-``cptoy.decoding.generate`` uses :meth:`FirstTokenHeads.draft_step`, ``cptoy.evaluate`` measures
-them with the same protocol as the CP heads. Initialised from rank-1 CP heads
+``cptoy.decoding.generate`` drafts with ``propose`` (over :meth:`FirstTokenHeads.draft_step`),
+``cptoy.evaluate`` measures them with the same protocol as the CP heads. Initialised from rank-1 CP heads
 (:meth:`FirstTokenModel.from_mtp`, x_1 half zero) they start exactly as those heads and learn
 how much x_1 matters. Shipped checkpoints ``code_x1`` / ``shakespeare_x1`` hold the heads only
 and name the shipped checkpoint whose frozen backbone they were trained on.
