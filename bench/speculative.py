@@ -460,7 +460,7 @@ def main(argv=None) -> str:
         "embedding (`cptoy.firsttoken`, checkpoint `<corpus>_x1`, trained on the same frozen",
         "backbone, initialised from the rank-1 CP heads). t(k) = time of a k-token cached forward plus its logits after 64 cached",
         "tokens; drafting = everything the decoder spends drafting one step of k - 1 tokens",
-        "(`CPHeads.draft_step`: heads, sampling, q), right after a forward as in decoding (lower",
+        "(`CPHeads.propose`: heads, sampling, q), right after a forward as in decoding (lower",
         "quartile of the rounds: other processes preempt a share of the calls on this shared",
         "CPU). Ceilings: k t(1) / t(k) if every draft were accepted and free; with drafting",
         "k t(1) / (t(k) + draft).",

@@ -43,7 +43,7 @@ gate network accepts drafts left to right while ``sigmoid(gate_j) > threshold``.
 Verifier-free decoding (:func:`verifier_free_generate`) is *lossy*: nothing checks the accepted
 drafts, so the output can differ from greedy decoding. Each step is one forward of the backbone
 over the tokens emitted by the previous step (KV cache), so tokens per forward is the mean of
-1 + L. :func:`compare_decoders` measures any set of decoders on the same prompts: tokens per
+1 + L. :func:`compare_decoders` (``cptoy.benchmark``, re-exported here) measures any set of decoders on the same prompts: tokens per
 forward, wall-clock speed-up, agreement with greedy autoregressive output, task accuracy and
 the repetition ratio of ``cptoy.evaluate.repetition`` (the fraction of 4-grams that already
 occurred earlier in the same output; the paper's own definition is not public).
@@ -52,17 +52,25 @@ occurred earlier in the same output; the paper's own definition is not public).
 from __future__ import annotations
 
 import math
-import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from cptoy._checks import check_positive_int
+from cptoy._checks import check_positive_int, check_prompt_ids
+from cptoy.benchmark import (  # noqa: F401 (the comparison protocol, re-exported)
+    DECODER_COLUMNS,
+    LABELS,
+    Decoder,
+    DecoderRow,
+    compare_decoders,
+    prefix_agreement,
+)
 from cptoy.cp import CPDist
 from cptoy.model import GPT
+from cptoy.speculative import Proposal, propose_from_cp
+from cptoy.verifierfree import decode_unverified
 
 __all__ = [
     "ArchitectHeads",
@@ -87,12 +95,6 @@ __all__ = [
 ]
 
 CONTROLLERS = ("clp", "gate", "all", "none")
-# What each kind of decoder guarantees (background.md sections 3 and 4).
-LABELS = {
-    "reference": "lossless (reference)",
-    "lossless": "lossless",
-    "verifier-free": "lossy, verifier-free",
-}
 
 
 def _check_threshold(threshold, name: str = "threshold") -> float:
@@ -198,6 +200,17 @@ class ArchitectHeads(nn.Module):
             z = z / temperature
         lf = torch.log_softmax(z, dim=-1).unsqueeze(-2)  # (B, m, 1, V)
         return CPDist(lf.new_zeros(hidden.shape[0], 1), lf)
+
+    routings = ("mixture",)  # one factor per position: nothing to route
+
+    @torch.no_grad()
+    def propose(self, hidden: torch.Tensor, x1: int, k: int, temperature: float,
+                generator: torch.Generator | None = None, routing: str = "mixture") -> Proposal:
+        """The drafting protocol of ``cptoy.speculative`` (self-speculative decoding): k drafts
+        from the (tempered) factors of positions 2..k+1, which ignore x1; q is those factors."""
+        first = torch.tensor([x1], dtype=torch.long, device=hidden.device)
+        dist = self.draft(hidden, first, temperature if temperature > 0 else 1.0, n_draft=k)
+        return propose_from_cp(dist[0], k, temperature, generator)
 
     @classmethod
     def from_cp_heads(cls, cp_heads) -> ArchitectHeads:
@@ -584,10 +597,35 @@ def fit_controller(controller: nn.Module, data: ControllerData, steps: int = 300
 
 
 # ====================================================================== decoding
-def _empty_stats(strategy: str):
-    from cptoy.decoding import GenerationStats
+class _ControllerRule:
+    """The rule of :func:`verifier_free_generate` for ``cptoy.verifierfree.decode_unverified``:
+    x_1 and the greedy drafts after it, of which the controller keeps L."""
 
-    return GenerationStats(strategy=strategy, temperature=0.0)
+    def __init__(self, model, controller: str, first: str, threshold: float, m: int):
+        self.model, self.bb, self.first, self.threshold, self.m = (
+            model, model.backbone, first, threshold, m)
+        self.controller = controller
+        self.ctrl = model.controller(controller) if controller in ("clp", "gate") else None
+
+    def forward(self, chunk: list[int], cache, room: int):
+        h = self.bb(torch.tensor([chunk], dtype=torch.long), cache)[:, -1]  # (1, d)
+        return h, self.bb.logits(h)  # (1, V)
+
+    def choose(self, state, room: int) -> tuple[list[int], int]:
+        h, lg = state
+        if self.first == "backbone":
+            x1 = int(lg[0].argmax())
+        else:
+            x1 = int(self.model.heads(h).log_marginal(0)[0].argmax())
+        if room < 2 or self.controller == "none":
+            return [x1], 0
+        d, z = _drafts_and_logits(self.model, h, torch.tensor([x1]), self.m + 1)
+        drafts = d[0].tolist()
+        if self.ctrl is not None:
+            L = int(self.ctrl.predict(controller_features(h, lg, z), self.threshold)[0])
+        else:
+            L = self.m
+        return [x1] + drafts[: min(L, room - 1)], len(drafts)
 
 
 @torch.no_grad()
@@ -608,13 +646,11 @@ def verifier_free_generate(model, prompt_ids, max_new_tokens: int, controller: s
 
     and emits ``[x_1, d_2..d_{L+1}]`` (cut at ``max_new_tokens`` and after ``eos_id``).
     model: a :class:`CLPModel` (any controller) or an ``MTPModel`` ("all"/"none").
-    Returns a ``cptoy.decoding.Generation``; stats count forwards, tokens gained per forward,
-    drafts offered (``drafted_per_step``) and accepted, and time in forwards
-    (``prefill_time``/``verify_time``) and in heads + controller (``draft_time``).
+    Returns a ``cptoy.decoding.Generation`` from ``cptoy.verifierfree.decode_unverified``:
+    stats count forwards, tokens gained per forward, drafts offered (``drafted_per_step``) and
+    kept, and time in forwards (``prefill_time``/``verify_time``) and in heads + controller
+    (``draft_time``).
     """
-    from cptoy._checks import check_prompt_ids
-    from cptoy.decoding import Generation
-
     if controller not in CONTROLLERS:
         raise ValueError(f"controller must be one of {CONTROLLERS}, got {controller!r}")
     if first not in ("backbone", "head"):
@@ -629,203 +665,16 @@ def verifier_free_generate(model, prompt_ids, max_new_tokens: int, controller: s
         raise ValueError(f"n_draft must be an int in [1, {k - 1}], got {n_draft}")
     if controller in ("clp", "gate") and m != k - 1:
         raise ValueError("the CLP and gate controllers were trained with n_draft = k - 1")
-    ctrl = None
-    if controller in ("clp", "gate"):
-        if not hasattr(model, "controller"):
-            raise TypeError(f"controller {controller!r} needs a CLPModel (model.controller)")
-        ctrl = model.controller(controller)
+    if controller in ("clp", "gate") and not hasattr(model, "controller"):
+        raise TypeError(f"controller {controller!r} needs a CLPModel (model.controller)")
     if first == "head" and isinstance(model.heads, ArchitectHeads):
         raise ValueError("ArchitectHeads have no head for the first token; first='head' needs "
                          "heads with a first position (CPHeads)")
     check_positive_int(max_new_tokens, "max_new_tokens")
-    V = bb.config.vocab_size
-    prompt = check_prompt_ids(prompt_ids, V)
+    prompt = check_prompt_ids(prompt_ids, bb.config.vocab_size)
     if len(prompt) + max_new_tokens > bb.config.block_size:
         raise ValueError(f"prompt ({len(prompt)}) + max_new_tokens ({max_new_tokens}) exceeds "
                          f"block_size {bb.config.block_size}")
-    stats = _empty_stats(f"verifier-free/{controller}/{first}")
-    stats.attempted_by_position = [0] * m
-    stats.accepted_by_position = [0] * m
-    was = model.training
-    model.eval()
-    t_start = time.perf_counter()
-    try:
-        cache = bb.new_cache(1)
-        chunk = prompt
-        tokens: list[int] = []
-        while len(tokens) < max_new_tokens and (eos_id is None or not tokens
-                                                or tokens[-1] != eos_id):
-            t0 = time.perf_counter()
-            H = bb(torch.tensor([chunk], dtype=torch.long), cache)  # (1, len(chunk), d)
-            h = H[:, -1]  # (1, d)
-            lg = bb.logits(h)  # (1, V)
-            t1 = time.perf_counter()
-            if first == "backbone":
-                x1 = int(lg[0].argmax())
-            else:
-                x1 = int(model.heads(h).log_marginal(0)[0].argmax())
-            room = max_new_tokens - len(tokens) - 1
-            L = 0
-            drafts: list[int] = []
-            if room > 0 and controller != "none":
-                d, z = _drafts_and_logits(model, h, torch.tensor([x1]), m + 1)
-                drafts = d[0].tolist()
-                if ctrl is not None:
-                    L = int(ctrl.predict(controller_features(h, lg, z), threshold)[0])
-                else:
-                    L = m
-            L_kept = min(L, room)
-            emitted = [x1] + drafts[:L_kept]
-            if eos_id is not None and eos_id in emitted:
-                emitted = emitted[: emitted.index(eos_id) + 1]
-            t2 = time.perf_counter()
-            if not tokens:
-                stats.prefill_time += t1 - t0
-            else:
-                stats.verify_time += t1 - t0
-            stats.draft_time += t2 - t1
-            tokens.extend(emitted)
-            stats.arrival.extend(["first"] + ["draft"] * (len(emitted) - 1))
-            stats.forward_passes += 1
-            stats.gained_per_forward.append(len(emitted))
-            if drafts:
-                stats.drafted_per_step.append(len(drafts))
-                stats.accepted_per_step.append(len(emitted) - 1)
-                for j in range(len(drafts)):
-                    stats.attempted_by_position[j] += 1
-                    stats.accepted_by_position[j] += int(j < len(emitted) - 1)
-            chunk = emitted
-    finally:
-        model.train(was)
-    stats.wall_time = time.perf_counter() - t_start
-    return Generation(tokens=tokens, stats=stats)
-
-
-# ====================================================================== comparison protocol
-def prefix_agreement(tokens, reference) -> float:
-    """Length of the common prefix of ``tokens`` and ``reference``, divided by
-    ``len(reference)`` (1.0: identical up to the reference's length; NaN for an empty
-    reference)."""
-    tokens, reference = list(tokens), list(reference)
-    if not reference:
-        return float("nan")
-    n = 0
-    for a, b in zip(tokens, reference, strict=False):
-        if a != b:
-            break
-        n += 1
-    return n / len(reference)
-
-
-@dataclass
-class Decoder:
-    """One decoding method for :func:`compare_decoders`."""
-
-    name: str  # row name in the table
-    kind: str  # "reference", "lossless" or "verifier-free" (see LABELS)
-    fn: Callable  # fn(prompt_ids: list[int], max_new_tokens: int) -> Generation
-
-    def __post_init__(self):
-        if self.kind not in LABELS:
-            raise ValueError(f"kind must be one of {sorted(LABELS)}, got {self.kind!r}")
-        if not callable(self.fn):
-            raise TypeError("fn must be callable(prompt_ids, max_new_tokens) -> Generation")
-
-
-@dataclass
-class DecoderRow:
-    """One row of :func:`compare_decoders` (sums over prompts)."""
-
-    method: str  # the decoder's name
-    label: str  # lossless / lossy, verifier-free (LABELS)
-    tokens_per_forward: float  # new tokens / backbone forwards (the prefill included)
-    tokens_per_second: float  # wall-clock, new tokens / seconds
-    speedup: float  # tokens_per_second / the reference's
-    agreement: float  # mean common-prefix fraction with the reference's output
-    exact: float  # fraction of prompts whose output equals the reference's
-    accuracy: float  # task: fraction of prompted answers right (nan without a scorer)
-    record_accuracy: float  # task: fraction of all complete records right
-    repetition: float  # mean fraction of repeated 4-grams (cptoy.evaluate.repetition)
-    tokens: int  # new tokens in all
-    forwards: int  # backbone forwards in all
-    seconds: float  # wall time in all
-    generations: list = field(default_factory=list, repr=False)
-
-
-def compare_decoders(decoders: list[Decoder], prompts, max_new_tokens: int,
-                     reference: str | None = None, scorer: Callable | None = None,
-                     warmup: bool = True, rounds: int = 1) -> list[DecoderRow]:
-    """Run every decoder on every prompt, interleaved prompt by prompt, and measure.
-
-    prompts: list of token-id lists. reference: the decoder whose outputs define agreement and
-    speed-up (default: the first one). scorer: ``scorer(list_of_token_lists) -> TaskScore``
-    (e.g. ``lambda outs: task.score(task_prompts, outs)``), for task accuracy. ``warmup``
-    decodes the first prompt once per decoder, untimed. ``rounds`` > 1 repeats the timing
-    (outputs are deterministic) and keeps each decoder's fastest round, which damps the noise of
-    a shared CPU.
-    """
-    if not decoders:
-        raise ValueError("decoders must not be empty")
-    names = [d.name for d in decoders]
-    if len(set(names)) != len(names):
-        raise ValueError(f"decoder names must be distinct, got {names}")
-    ref = names[0] if reference is None else reference
-    if ref not in names:
-        raise ValueError(f"reference {ref!r} is not among the decoders {names}")
-    if not prompts:
-        raise ValueError("prompts must be a non-empty list")
-    check_positive_int(max_new_tokens, "max_new_tokens")
-    check_positive_int(rounds, "rounds")
-    from cptoy.evaluate import repetition
-
-    if warmup:
-        for d in decoders:
-            d.fn(list(prompts[0]), min(8, max_new_tokens))
-    gens = {d.name: [None] * len(prompts) for d in decoders}
-    best = {d.name: math.inf for d in decoders}
-    for _ in range(rounds):
-        secs = {d.name: 0.0 for d in decoders}
-        for i, p in enumerate(prompts):
-            for d in decoders:
-                g = d.fn(list(p), max_new_tokens)
-                gens[d.name][i] = g
-                secs[d.name] += g.stats.wall_time
-        for n in names:
-            best[n] = min(best[n], secs[n])
-    rows = []
-    for d in decoders:
-        gs = gens[d.name]
-        toks = sum(len(g.tokens) for g in gs)
-        fwd = sum(g.stats.forward_passes for g in gs)
-        refs = gens[ref]
-        acc = rec = float("nan")
-        if scorer is not None:
-            s = scorer([g.tokens for g in gs])
-            acc, rec = s.answer_accuracy, s.record_accuracy
-        reps = [repetition(g.tokens) for g in gs]
-        reps = [r for r in reps if not math.isnan(r)]
-        rows.append(DecoderRow(
-            method=d.name, label=LABELS[d.kind], tokens_per_forward=toks / max(fwd, 1),
-            tokens_per_second=toks / best[d.name] if best[d.name] > 0 else float("nan"),
-            speedup=float("nan"),
-            agreement=sum(prefix_agreement(g.tokens, r.tokens) for g, r in zip(gs, refs,
-                                                                               strict=True))
-            / len(gs),
-            exact=sum(g.tokens == r.tokens for g, r in zip(gs, refs, strict=True)) / len(gs),
-            accuracy=acc, record_accuracy=rec,
-            repetition=sum(reps) / len(reps) if reps else float("nan"),
-            tokens=toks, forwards=fwd, seconds=best[d.name], generations=gs,
-        ))
-    r0 = next(r for r in rows if r.method == ref)
-    for r in rows:
-        r.speedup = r.tokens_per_second / r0.tokens_per_second
-    return rows
-
-
-# columns of a DecoderRow table for cptoy.evaluate.format_table
-DECODER_COLUMNS = [
-    ("method", "method"), ("kind", "label"), ("tokens/forward", "tokens_per_forward"),
-    ("speed-up (wall)", "speedup"), ("agreement with AR", "agreement"),
-    ("= AR", "exact"), ("task accuracy", "accuracy"), ("record accuracy", "record_accuracy"),
-    ("repeated 4-grams", "repetition"),
-]
+    rule = _ControllerRule(model, controller, first, threshold, m)
+    return decode_unverified(model, bb, prompt, max_new_tokens, rule,
+                             f"verifier-free/{controller}/{first}", 0.0, m, eos_id)

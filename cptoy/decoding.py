@@ -23,8 +23,11 @@ All three are *lossless*: at ``temperature=0`` the tokens equal greedy decoding 
 the distribution of autoregressive sampling from ``softmax(logits / temperature)``.
 
 Batch size is 1: :func:`generate` decodes one sequence. All randomness comes from one
-``torch.Generator`` seeded by ``seed``; the accept / residual arithmetic runs in float64 on the
-CPU.
+``torch.Generator`` seeded by ``seed``. The rule itself (accept, residual, bonus) and the
+drafting protocol (``drafter.propose(h, x1, k, temperature, generator) -> Proposal``) live in
+:mod:`cptoy.speculative`; a model's ``heads`` are its drafter, :class:`PromptLookup` is the
+drafter of ``"lookup"``; a drafter with ``bind(prompt, tokens)`` (one that reads the text, like
+``cptoy.selfdistill.MaskDrafter``) is bound to the call's lists first.
 
 Drafts at temperature T > 0 are drawn ancestrally from the heads' tempered CP (an expert from the
 posterior gate, then every position from that expert's factors); each is verified against the
@@ -56,18 +59,23 @@ state at its last position, the one whose logits gave ``tokens[-1]``.
 
 from __future__ import annotations
 
-import inspect
 import time
 from dataclasses import dataclass, field
 
 import torch
 
 from cptoy._checks import check_positive_int, check_prompt_ids, check_temperature
+from cptoy.speculative import ROUTINGS, PointQ, Proposal, probs, sample_rows, verify
 
-__all__ = ["Generation", "GenerationStats", "StepRecord", "generate", "lookup_drafts", "STRATEGIES"]
+__all__ = ["Generation", "GenerationStats", "StepRecord", "generate", "lookup_drafts",
+           "PromptLookup", "check_routing", "check_n_draft", "backbone_of", "device_of",
+           "sample_rows", "STRATEGIES",
+           "ARRIVALS"]
 
 STRATEGIES = ("ar", "self-spec", "lookup")
-ARRIVALS = ("first", "accepted", "replacement", "bonus")
+# how a token arrived (GenerationStats.arrival): the backbone's own token, an accepted draft,
+# the replacement after a rejection, the bonus after all drafts, or a draft kept unverified
+ARRIVALS = ("first", "accepted", "replacement", "bonus", "draft")
 DEFAULT_LOOKUP_DRAFTS = 4  # drafts per step for "lookup" when the model has no MTP heads
 
 
@@ -76,7 +84,8 @@ DEFAULT_LOOKUP_DRAFTS = 4  # drafts per step for "lookup" when the model has no 
 class GenerationStats:
     """What one :func:`generate` call did. Lists indexed by forward pass or by step.
 
-    A *step* is one verification forward after the prefill; ``forward_passes == 1 + n_steps``.
+    A *step* is one forward after the prefill; ``forward_passes == 1 + n_steps``. Verifier-free
+    decoders (``cptoy.verifierfree``) fill the same fields, with "draft" arrivals.
     """
 
     strategy: str  # "ar", "self-spec" or "lookup"
@@ -88,7 +97,7 @@ class GenerationStats:
     attempted_by_position: list[int] = field(default_factory=list)  # [j]: draft j+2 tested
     accepted_by_position: list[int] = field(default_factory=list)  # [j]: draft j+2 accepted
     experts: list[int | None] = field(default_factory=list)  # per step: the drafting expert
-    arrival: list[str] = field(default_factory=list)  # per token: first/accepted/replacement/bonus
+    arrival: list[str] = field(default_factory=list)  # per token: one of ARRIVALS
     wall_time: float = 0.0  # seconds for the whole call
     prefill_time: float = 0.0  # seconds for the prefill forward (and its logits)
     draft_time: float = 0.0  # seconds drafting: heads call, sampling, q (or the n-gram search)
@@ -166,166 +175,6 @@ class Generation:
     last_hidden: torch.Tensor | None = field(default=None, repr=False)
 
 
-# ====================================================================== the lossless rule
-# Module-level so that tests can break them on purpose (monkeypatch) and check that the
-# goodness-of-fit test notices.
-def _accept(p_d: float, q_d: float, u: float) -> bool:
-    """Speculative sampling: accept a draft d ~ q with probability min(1, p(d)/q(d)).
-
-    ``u`` is uniform on [0, 1); ``u * q < p`` avoids the division and is exactly that event.
-    """
-    return u * q_d < p_d
-
-
-def _residual(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """The replacement distribution after a rejection, norm(max(0, p - q)), float64 (V,).
-
-    After a rejection the mass of max(0, p - q) is positive in exact arithmetic (it equals
-    TV(p, q) and a rejection needs p(d) < q(d)). If rounding leaves none at all, p itself is
-    returned: that only happens when p and q agree to about 1e-16.
-    """
-    r = (p - q).clamp_min(0.0)
-    s = r.sum()
-    return r / s if s > 0 else p
-
-
-def _probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """softmax(logits / T) in float64 on the CPU; at T = 0 the untempered softmax (display only)."""
-    x = logits.detach().to("cpu", torch.float64)
-    return torch.softmax(x / temperature if temperature > 0 else x, dim=-1)
-
-
-def sample_rows(probs: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """One draw from each row of ``probs`` (..., V) (nonnegative, not necessarily normalised).
-
-    Inverse-CDF sampling: the first index whose cumulative mass exceeds u * total, u ~ U[0, 1).
-    A zero-probability entry is never chosen (its CDF step is empty). It is exact in law like
-    ``torch.multinomial`` and about 20x faster on this CPU for V = 4096 (which matters: this runs
-    inside every decode step).
-    """
-    cdf = probs.cumsum(-1)  # (..., V)
-    u = torch.rand(cdf.shape[:-1] + (1,), dtype=cdf.dtype, generator=gen) * cdf[..., -1:]
-    idx = torch.searchsorted(cdf, u, right=True).squeeze(-1)  # (...)
-    if bool((idx >= probs.shape[-1]).any()):  # u * total rounded up to total (rare)
-        last = (probs > 0).cumsum(-1).argmax(-1)  # (...): index of the last positive entry
-        idx = torch.minimum(idx, last)
-    return idx
-
-
-def _draw(p: torch.Tensor, gen: torch.Generator) -> int:
-    """One token from a distribution p (V,)."""
-    return int(sample_rows(p, gen))
-
-
-class _CPProposal:
-    """The draft distribution q of one self-spec step, evaluated lazily.
-
-    ``dist`` is the heads' CPDist over the drafted positions (batch (), float64) and ``drafts``
-    the k drafted tokens, both in the heads' drafting space: the vocabulary, or the K tokens of a
-    shortlist ``vocab`` (K,) (entry i = token ``vocab[i]``; ``V`` is then the vocabulary size).
-    ``at[j]`` = q(d_j | x_1, d_<j) for every j (needs only (k, r) numbers); ``row(j)`` = the
-    whole conditional over the vocabulary (V,), needed for a residual after a rejection (at most
-    once per step) and for the step records. Both are the CP conditional mixture under the
-    posterior gate: ``dist.condition(drafts[:j]).log_marginal(0)`` (checked in the tests).
-    """
-
-    def __init__(self, dist, drafts: list[int], vocab: torch.Tensor | None = None,
-                 V: int | None = None, at: list[float] | None = None,
-                 probs: torch.Tensor | None = None):
-        k = len(drafts)
-        self.vocab, self.V = vocab, V
-        if probs is None and dist.rank == 1:
-            probs = dist.log_factors[:k, 0].exp()
-        self.probs = probs  # (k, K): q is this one factor (rank 1, one-expert routing), or None
-        if probs is not None:
-            self.log_gates = probs.new_zeros(k, 1)
-            self.at = at if at is not None else probs[torch.arange(k), drafts].tolist()
-            return
-        self.lf = dist.log_factors[:k]  # (k, r, K)
-        d = torch.tensor(drafts, dtype=torch.long)
-        ll = self.lf.gather(-1, d.view(k, 1, 1).expand(k, dist.rank, 1)).squeeze(-1)  # (k, r)
-        before = torch.cat([torch.zeros_like(ll[:1]), ll[:-1].cumsum(0)])  # sum_{i<j} ll_i
-        self.log_gates = torch.log_softmax(dist.log_weights + before, dim=-1)  # (k, r)
-        self.at = torch.logsumexp(self.log_gates + ll, dim=-1).exp().tolist()  # k floats
-
-    def _full(self, q: torch.Tensor) -> torch.Tensor:
-        if self.vocab is None:
-            return q
-        out = q.new_zeros(q.shape[:-1] + (self.V,))
-        out[..., self.vocab] = q
-        return out
-
-    def row(self, j: int) -> torch.Tensor:
-        if self.probs is not None:
-            return self._full(self.probs[j])
-        return self._full(torch.logsumexp(self.log_gates[j].unsqueeze(-1) + self.lf[j], dim=0).exp())
-
-    def rows(self) -> torch.Tensor:
-        if self.probs is not None:
-            return self._full(self.probs[: len(self.at)])
-        return self._full(torch.logsumexp(self.log_gates.unsqueeze(-1) + self.lf, dim=1).exp())
-
-
-class _PointProposal:
-    """q of a deterministic drafter (prompt lookup): a point mass on each draft."""
-
-    def __init__(self, drafts: list[int], vocab_size: int):
-        self.drafts, self.V = drafts, vocab_size
-        self.at = [1.0] * len(drafts)
-
-    def row(self, j: int) -> torch.Tensor:
-        r = torch.zeros(self.V, dtype=torch.float64)
-        r[self.drafts[j]] = 1.0
-        return r
-
-    def rows(self) -> torch.Tensor:
-        r = torch.zeros(len(self.drafts), self.V, dtype=torch.float64)
-        if self.drafts:
-            r[torch.arange(len(self.drafts)), torch.tensor(self.drafts)] = 1.0
-        return r
-
-
-def _verify(logits, drafts, q, temperature, gen, eos_id, keep_p=False):
-    """Verify ``drafts`` (k tokens) against the backbone's logits (k + 1, V).
-
-    Row i of ``logits`` is the distribution of the token after x_1, d_2, .., i.e. the target p
-    for draft i (rows 0..k-1) and for the bonus (row k). ``q`` is the proposal the drafts were
-    drawn from (``_CPProposal`` / ``_PointProposal``; unused at temperature 0). At temperature 0
-    the float64 p is only built when ``keep_p`` (for the step records); decisions use argmax.
-
-    Returns (n_accepted, final_token | None, final_kind | None, accept_probs, decisions, p).
-    Stops right after an accepted eos draft (final_token None).
-    """
-    k = len(drafts)
-    greedy = temperature == 0
-    p = _probs(logits, temperature) if keep_p else None  # (k + 1, V) float64, for the records
-
-    def p_row(i: int) -> torch.Tensor:  # (V,) float64; only the rows a step reaches are built
-        return p[i] if p is not None else _probs(logits[i], temperature)
-
-    accept_probs: list[float] = []
-    decisions: list[bool] = []
-    for i, d in enumerate(drafts):
-        if greedy:
-            target = int(logits[i].argmax())
-            ok = d == target
-            accept_probs.append(1.0 if ok else 0.0)
-        else:
-            p_i = p_row(i)
-            p_d, q_d = float(p_i[d]), q.at[i]
-            accept_probs.append(min(1.0, p_d / q_d) if q_d > 0 else 1.0)
-            u = float(torch.rand((), dtype=torch.float64, generator=gen))
-            ok = _accept(p_d, q_d, u)
-        decisions.append(ok)
-        if not ok:
-            final = target if greedy else _draw(_residual(p_i, q.row(i)), gen)
-            return i, final, "replacement", accept_probs, decisions, p
-        if eos_id is not None and d == eos_id:
-            return i + 1, None, None, accept_probs, decisions, p
-    final = int(logits[k].argmax()) if greedy else _draw(p_row(k), gen)
-    return k, final, ("bonus" if k > 0 else "first"), accept_probs, decisions, p
-
-
 # ====================================================================== drafters
 def lookup_drafts(context, ngram: int, k: int) -> list[int]:
     """Prompt-lookup drafts: up to ``k`` tokens that followed the last earlier occurrence of the
@@ -347,76 +196,21 @@ def lookup_drafts(context, ngram: int, k: int) -> list[int]:
     return []
 
 
-def _cp_drafts(draft, takes_k, h_last, x1, k, temperature, gen, device, record,
-               routing="mixture", heads=None):
-    """Draft k tokens from the CP heads conditioned on x1.
+class PromptLookup:
+    """The drafter of ``strategy="lookup"``: :func:`lookup_drafts` on the decoder's output so
+    far, q a point mass on each draft. Like every drafter that reads the text, it is bound to a
+    ``generate`` call's lists first (``bind(prompt, tokens)``; they only grow)."""
 
-    Returns (drafts, proposal | None, expert, extra-record dict). The proposal evaluates
-    q(. | x_1, d_2..d_{j+1}), the CP conditional mixture under the posterior gate, from the very
-    distribution the drafts were sampled from (same tempered factors, in float64); with
-    ``routing="expert"`` it is the chosen expert's factors (a rank-1 CP). cptoy's heads do all
-    of this in one lean call (``CPHeads.draft_step``), over their drafting shortlist when they
-    have one (then only the residual after a rejection is spread over the vocabulary); other
-    heads only need ``draft(hidden, first_tokens, temperature[, n_draft])``.
-    """
-    if hasattr(heads, "draft_step"):
-        step = heads.draft_step(h_last, x1, k, temperature, gen, routing)
-        drafts = step.tokens
-        if temperature == 0 and not record:
-            return drafts, None, step.expert, {}
-        vocab = step.vocab.cpu() if step.vocab is not None else None
-        if step.mixture is None:  # q is one factor: its probabilities are at hand
-            q = _CPProposal(None, step.index, vocab, heads.vocab_size, step.q_at,
-                            step.factor_probs().cpu())
-        else:
-            q = _CPProposal(step.mixture.to("cpu"), step.index, vocab, heads.vocab_size)
-        extra = {}
-        if record:
-            r = heads.rank
-            post = step.log_posterior.exp().tolist() if step.log_posterior is not None else [1.0]
-            if routing == "expert" and r > 1:
-                one = [float(a == step.expert) for a in range(r)]
-                gates = [one] * len(drafts)  # q is the drawn expert's factor
-            else:
-                gates = q.log_gates.exp().tolist()
-            extra = dict(gate_posterior=post, gates=gates)
-        return drafts, q, step.expert, extra
-    t_heads = temperature if temperature > 0 else 1.0  # greedy drafts are the mode of the T=1 CP
-    first = torch.tensor([x1], dtype=torch.long, device=device)
-    if takes_k:  # compute only the k positions this step needs
-        dist = draft(h_last, first, t_heads, n_draft=k)  # CPDist, batch (1,), positions 2..k+1
-    else:
-        dist = draft(h_last, first, t_heads)  # CPDist, batch (1,), positions 2..n
-    dist = dist[0].detach()  # batch ()
-    if dist.n < k:
-        raise RuntimeError(f"heads drafted {dist.n} positions, {k} needed")
-    if temperature == 0:  # greedy: any drafts are lossless, q is not needed
-        drafts = [int(t) for t in dist.mode()[:k]]
-        expert = int(dist.log_weights.argmax())
-        if not record:
-            return drafts, None, expert, {}
-    dist = dist.to("cpu", torch.float64)  # the exact q, in float64
-    if temperature > 0:
-        # ancestral sampling from the CP: an expert from the posterior gate, then every drafted
-        # position from that expert's factor. The drafts' law is the CP conditional; acceptance
-        # uses its mixture conditionals q(d_j | x_1, d_<j), which marginalise the expert.
-        expert = int(sample_rows(dist.weights, gen)) if dist.rank > 1 else 0
-        drafts = sample_rows(dist.log_factors[:k, expert].exp(), gen).tolist()  # (k,)
-    q = _CPProposal(dist, drafts) if (temperature > 0 or record) else None
-    extra = {}
-    if record:
-        extra = dict(gate_posterior=dist.weights.tolist(), gates=q.log_gates.exp().tolist())
-    return drafts, q, expert, extra
+    def __init__(self, ngram: int, vocab_size: int, prompt=(), tokens=()):
+        self.ngram, self.vocab_size, self.prompt, self.tokens = ngram, vocab_size, prompt, tokens
 
+    def bind(self, prompt: list[int], tokens: list[int]) -> PromptLookup:
+        return PromptLookup(self.ngram, self.vocab_size, prompt, tokens)
 
-def _takes_n_draft(fn) -> bool:
-    try:
-        return "n_draft" in inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return False
-
-
-ROUTINGS = ("mixture", "expert")
+    def propose(self, hidden, x1: int, k: int, temperature: float, generator=None,
+                routing: str = "mixture") -> Proposal:
+        drafts = lookup_drafts(list(self.prompt) + list(self.tokens), self.ngram, k)
+        return Proposal(drafts, PointQ(drafts, self.vocab_size))
 
 
 def check_routing(routing, model=None) -> str:
@@ -424,29 +218,35 @@ def check_routing(routing, model=None) -> str:
     if routing not in ROUTINGS:
         raise ValueError(f"routing must be one of {ROUTINGS}, got {routing!r}")
     if routing == "expert" and model is not None:
-        heads = getattr(model, "heads", None)
-        if heads is None or not hasattr(heads, "draft_step"):
-            raise TypeError("routing='expert' needs heads with draft_step() "
+        if "expert" not in getattr(getattr(model, "heads", None), "routings", ()):
+            raise TypeError("routing='expert' needs heads that can draft from one expert "
                             "(cptoy.heads.CPHeads, cptoy.firsttoken.FirstTokenHeads)")
     return routing
 
 
-def _draft_fn(model):
+def check_n_draft(model, n_draft) -> int:
+    """Drafts per step for a model whose heads draft (``model.heads.draft``, ``n_future``):
+    ``n_draft`` in [1, n_future - 1], default n_future - 1."""
+    n_future = getattr(model, "n_future", None)
     heads = getattr(model, "heads", None)
-    if heads is not None and hasattr(heads, "draft"):
-        return heads.draft
-    if hasattr(model, "draft"):
-        return model.draft
-    raise TypeError("strategy 'self-spec' needs a model with CP heads (model.heads.draft)")
+    if heads is None or not hasattr(heads, "draft") or n_future is None or n_future < 2:
+        raise TypeError("model must be an MTPModel with CP heads and n_future >= 2 "
+                        "(model.heads.draft, model.n_future)")
+    k = n_future - 1 if n_draft is None else n_draft
+    check_positive_int(k, "n_draft")
+    if k > n_future - 1:
+        raise ValueError(f"n_draft must be in [1, n_future - 1 = {n_future - 1}], got {k}")
+    return k
 
 
-def _backbone(model):
+def backbone_of(model):
     """An MTPModel's backbone, or the model itself when it is a bare backbone."""
     bb = getattr(model, "backbone", None)
     return bb if bb is not None else model
 
 
-def _device(module) -> torch.device:
+def device_of(module) -> torch.device:
+    """The device of a module's first parameter (or buffer); the CPU when it has neither."""
     try:
         return next(module.parameters()).device
     except (AttributeError, StopIteration):
@@ -456,7 +256,47 @@ def _device(module) -> torch.device:
             return torch.device("cpu")
 
 
-# ====================================================================== validation
+def _check_seed_eos(seed, eos_id, V: int) -> None:
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
+    if eos_id is not None:
+        if isinstance(eos_id, bool) or not isinstance(eos_id, int):
+            raise TypeError(f"eos_id must be an int or None, got {type(eos_id).__name__}")
+        if not 0 <= eos_id < V:
+            raise ValueError(f"eos_id must be in [0, {V}), got {eos_id}")
+
+
+def _check_n_draft(model, strategy: str, n_draft) -> int:
+    """Drafts per step for ``strategy`` (0 for "ar"), validated against the model."""
+    n_future = getattr(model, "n_future", None)
+    if strategy == "self-spec":
+        heads = getattr(model, "heads", None)
+        if not (hasattr(heads, "propose") or hasattr(heads, "bind")):
+            raise TypeError("strategy 'self-spec' needs a model whose heads draft "
+                            "(model.heads.propose, see cptoy.speculative)")
+        if n_future is None or n_future < 2:
+            raise ValueError(f"strategy 'self-spec' needs model.n_future >= 2, got {n_future}")
+        n_draft = n_future - 1 if n_draft is None else n_draft
+        check_positive_int(n_draft, "n_draft")
+        if n_draft > n_future - 1:
+            raise ValueError(f"n_draft must be <= n_future - 1 = {n_future - 1} for "
+                             f"'self-spec', got {n_draft}")
+        return n_draft
+    if strategy == "lookup":
+        if n_draft is None:
+            has_heads = n_future is not None and n_future >= 2
+            n_draft = n_future - 1 if has_heads else DEFAULT_LOOKUP_DRAFTS
+        return check_positive_int(n_draft, "n_draft")
+    return 0
+
+
+def _draw(logits: torch.Tensor, temperature: float, gen: torch.Generator) -> int:
+    """One token from logits (V,): argmax at T = 0, else a draw from softmax(logits / T)."""
+    if temperature == 0:
+        return int(logits.argmax())
+    return int(sample_rows(probs(logits, temperature), gen))
+
+
 # ====================================================================== generate
 def generate(
     model,
@@ -475,8 +315,9 @@ def generate(
 
     model:
         an ``MTPModel`` (``.backbone`` with ``forward(idx (1, T), cache) -> (1, T, d)``,
-        ``logits(hidden) -> (..., V)``, ``new_cache(1)``, ``config.block_size``; ``.heads.draft``
-        and ``.n_future`` for "self-spec"), or a bare backbone for "ar" and "lookup".
+        ``logits(hidden) -> (..., V)``, ``new_cache(1)``, ``config.block_size``; for
+        "self-spec" ``.heads.propose`` (the drafting protocol of ``cptoy.speculative``) and
+        ``.n_future``), or a bare backbone for "ar" and "lookup".
     prompt_ids: list of ints, (T,) or (1, T) integer tensor; T >= 1.
     max_new_tokens: >= 1; ``len(prompt) + max_new_tokens`` must fit in ``block_size``.
     temperature: >= 0; 0 is greedy (argmax), otherwise sampling from softmax(logits / T).
@@ -496,9 +337,8 @@ def generate(
     t_start = time.perf_counter()
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
-    backbone = _backbone(model)
-    cfg = backbone.config
-    V, block = cfg.vocab_size, cfg.block_size
+    backbone = backbone_of(model)
+    V, block = backbone.config.vocab_size, backbone.config.block_size
     prompt = check_prompt_ids(prompt_ids, V)
     check_positive_int(max_new_tokens, "max_new_tokens")
     if len(prompt) + max_new_tokens > block:
@@ -507,42 +347,16 @@ def generate(
             f"block_size {block}; shorten prompt_ids or lower max_new_tokens"
         )
     temperature = check_temperature(temperature)
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
-    if eos_id is not None:
-        if isinstance(eos_id, bool) or not isinstance(eos_id, int):
-            raise TypeError(f"eos_id must be an int or None, got {type(eos_id).__name__}")
-        if not 0 <= eos_id < V:
-            raise ValueError(f"eos_id must be in [0, {V}), got {eos_id}")
+    _check_seed_eos(seed, eos_id, V)
     check_positive_int(lookup_ngram, "lookup_ngram")
-    n_future = getattr(model, "n_future", None)
     check_routing(routing, model if strategy == "self-spec" else None)
-    if strategy == "self-spec":
-        _draft_fn(model)  # raises TypeError without heads
-        if n_future is None or n_future < 2:
-            raise ValueError(f"strategy 'self-spec' needs model.n_future >= 2, got {n_future}")
-        max_draft = n_future - 1
-        if n_draft is None:
-            n_draft = max_draft
-        check_positive_int(n_draft, "n_draft")
-        if n_draft > max_draft:
-            raise ValueError(
-                f"n_draft must be <= n_future - 1 = {max_draft} for 'self-spec', got {n_draft}"
-            )
-    elif strategy == "lookup":
-        if n_draft is None:
-            has_heads = n_future is not None and n_future >= 2
-            n_draft = n_future - 1 if has_heads else DEFAULT_LOOKUP_DRAFTS
-        check_positive_int(n_draft, "n_draft")
-    else:
-        n_draft = 0
+    n_draft = _check_n_draft(model, strategy, n_draft)
 
     gen = torch.Generator()
     if seed is None:
         gen.seed()
     else:
         gen.manual_seed(seed)
-
     was_training = getattr(model, "training", False)
     if hasattr(model, "eval"):
         model.eval()
@@ -558,18 +372,19 @@ def generate(
 
 
 def _decode(model, backbone, prompt, max_new, temperature, strategy, gen, eos_id, n_draft,
-            lookup_ngram, record, routing="mixture") -> Generation:
-    device = _device(backbone)
-    P = len(prompt)
+            lookup_ngram, record, routing) -> Generation:
+    """The decode loop: a prefill, then draft -> one forward over [x_1, drafts] -> verify."""
+    device = device_of(backbone)
+    P, V = len(prompt), backbone.config.vocab_size
     stats = GenerationStats(strategy=strategy, temperature=temperature,
                             attempted_by_position=[0] * n_draft,
                             accepted_by_position=[0] * n_draft)
     steps: list[StepRecord] | None = [] if record else None
-    V = backbone.config.vocab_size
-    if strategy == "self-spec":
-        draft = _draft_fn(model)
-        takes_k = _takes_n_draft(draft)
-        heads = getattr(model, "heads", None)
+    tokens: list[int] = []
+    drafter = (model.heads if strategy == "self-spec" else
+               PromptLookup(lookup_ngram, V) if strategy == "lookup" else None)
+    if hasattr(drafter, "bind"):  # a drafter that reads the text: bound to this call's lists
+        drafter = drafter.bind(prompt, tokens)
 
     # ---------------------------------------------------------------- prefill
     t0 = time.perf_counter()
@@ -578,11 +393,7 @@ def _decode(model, backbone, prompt, max_new, temperature, strategy, gen, eos_id
     h_last = H[:, -1]  # (1, d)
     logits_last = backbone.logits(h_last)[0]  # (V,)
     stats.prefill_time = time.perf_counter() - t0
-    if temperature == 0:
-        first = int(logits_last.argmax())
-    else:
-        first = _draw(_probs(logits_last, temperature), gen)
-    tokens = [first]
+    tokens.append(_draw(logits_last, temperature, gen))
     stats.arrival.append("first")
     stats.forward_passes = 1
     stats.gained_per_forward.append(1)
@@ -603,31 +414,18 @@ def _decode(model, backbone, prompt, max_new, temperature, strategy, gen, eos_id
         L0 = cache.length
         if L0 != P + len(tokens) - 1:  # the backbone broke the cache contract
             raise RuntimeError(f"KV cache holds {L0} tokens, expected {P + len(tokens) - 1}")
-        x1 = tokens[-1]
-        x1_arrival = stats.arrival[-1]
-        remaining = max_new - len(tokens)
-        k = min(n_draft, remaining - 1)  # never draft past max_new_tokens (or the block)
+        x1, x1_arrival = tokens[-1], stats.arrival[-1]
+        k = min(n_draft, max_new - len(tokens) - 1)  # never draft past max_new_tokens
 
         # ----- draft
         t0 = time.perf_counter()
-        drafts: list[int] = []
-        q = None
-        expert, extra = None, {}
-        if k > 0 and strategy == "self-spec":
-            drafts, q, expert, extra = _cp_drafts(draft, takes_k, h_last, x1, k, temperature,
-                                                  gen, device, record, routing, heads)
-        elif k > 0 and strategy == "lookup":
-            drafts = lookup_drafts(prompt + tokens, lookup_ngram, k)
-            q = _PointProposal(drafts, backbone.config.vocab_size)
+        prop = Proposal([], None)
+        if k > 0 and drafter is not None:
+            prop = drafter.propose(h_last, x1, k, temperature, gen, routing)
+        drafts = prop.tokens
         if eos_id is not None and eos_id in drafts:  # nothing after an eos can be kept
             drafts = drafts[: drafts.index(eos_id) + 1]  # (q's first rows stay valid)
         stats.draft_time += time.perf_counter() - t0
-        if record and strategy == "self-spec" and k > 0:
-            if getattr(heads, "rank", None) == 1:  # no gate (also heads that only draft)
-                extra["gate_prior"] = [1.0]
-            else:
-                prior = model.heads(h_last)  # CPDist, batch (1,): the gate before seeing x_1
-                extra["gate_prior"] = prior.weights[0].detach().to("cpu", torch.float64).tolist()
 
         # ----- one verification forward over [x_1, drafts]
         t0 = time.perf_counter()
@@ -636,19 +434,18 @@ def _decode(model, backbone, prompt, max_new, temperature, strategy, gen, eos_id
         logits = backbone.logits(H)[0]  # (k + 1, V)
         stats.verify_time += time.perf_counter() - t0
         stats.forward_passes += 1
-
-        m, final, kind, probs, decisions, p = _verify(logits, drafts, q, temperature, gen, eos_id,
-                                                      keep_p=record)
+        v = verify(logits, drafts, prop.q, temperature, gen, eos_id, keep_p=record)
 
         # ----- bookkeeping
-        emitted = drafts[:m] + ([final] if final is not None else [])
+        m = v.accepted
+        emitted = drafts[:m] + ([v.final] if v.final is not None else [])
         tokens.extend(emitted)
-        stats.arrival.extend(["accepted"] * m + ([kind] if final is not None else []))
+        stats.arrival.extend(["accepted"] * m + ([v.kind] if v.final is not None else []))
         stats.gained_per_forward.append(len(emitted))
         stats.drafted_per_step.append(len(drafts))
         stats.accepted_per_step.append(m)
-        stats.experts.append(expert)
-        for j, ok in enumerate(decisions):
+        stats.experts.append(prop.expert)
+        for j, ok in enumerate(v.decisions):
             stats.attempted_by_position[j] += 1
             stats.accepted_by_position[j] += int(ok)
 
@@ -656,18 +453,32 @@ def _decode(model, backbone, prompt, max_new, temperature, strategy, gen, eos_id
         new_len = P + len(tokens) - 1
         if new_len < cache.length:
             cache.truncate(new_len)
-        h_last = H[:, new_len - L0 - 1]  # (1, d): the hidden at the last cached token
-
+        h_prev, h_last = h_last, H[:, new_len - L0 - 1]  # (1, d): hidden at the last cached token
         if record:
-            q_rec = q.rows()[: len(drafts)] if q is not None else torch.zeros(0, V).double()
-            steps.append(StepRecord(
-                context_length=L0, x1=x1, drafts=list(drafts), expert=expert,
-                gate_prior=extra.get("gate_prior"), gate_posterior=extra.get("gate_posterior"),
-                gates=extra["gates"][: len(drafts)] if "gates" in extra else None,
-                p=p, accept_prob=probs, accepted=decisions,
-                q=q_rec,
-                final_token=final, final_kind=kind, emitted=emitted, x1_arrival=x1_arrival,
-            ))
+            steps.append(_record(model, strategy, h_prev, L0, x1, x1_arrival, drafts, prop, v,
+                                 emitted, V))
 
     assert len(tokens) <= max_new
     return Generation(tokens=tokens, stats=stats, steps=steps, cache=cache, last_hidden=h_last)
+
+
+def _record(model, strategy, h, L0, x1, x1_arrival, drafts, prop, v, emitted, V) -> StepRecord:
+    """The :class:`StepRecord` of one step (``record_steps=True``)."""
+    k = len(drafts)
+    cp = strategy == "self-spec" and bool(prop.tokens)
+    gate_prior = None
+    if cp:
+        if getattr(model.heads, "rank", None) == 1:  # no gate (also heads that only draft)
+            gate_prior = [1.0]
+        else:
+            prior = model.heads(h)  # CPDist, batch (1,): the gate before seeing x_1
+            gate_prior = prior.weights[0].detach().to("cpu", torch.float64).tolist()
+    gates = prop.q.gates if cp and prop.q is not None else None
+    return StepRecord(
+        context_length=L0, x1=x1, drafts=list(drafts), expert=prop.expert,
+        gate_prior=gate_prior, gate_posterior=prop.gate_posterior if cp else None,
+        gates=gates[:k] if gates is not None else None,
+        p=v.p, q=prop.q.rows()[:k] if prop.q is not None else torch.zeros(0, V).double(),
+        accept_prob=v.accept_prob, accepted=v.decisions, final_token=v.final,
+        final_kind=v.kind, emitted=emitted, x1_arrival=x1_arrival,
+    )

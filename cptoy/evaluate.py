@@ -1,7 +1,4 @@
-"""One evaluation protocol for drafting and decoding, used by ``bench/``, the notebooks and widgets.
-
-Every speed or acceptance number in cptoy comes from a function in this module, so a notebook,
-a widget and ``bench/RESULTS.md`` cannot disagree about what a figure means.
+"""Draft quality and decoding cost, measured one way for ``bench/``, the notebooks and widgets.
 
 Draft quality, without the traps of decoding from a weak model (:func:`teacher_forced_acceptance`)
     Held-out text, teacher forced: at every held-out position t the *true* next token is
@@ -17,33 +14,43 @@ Draft quality, without the traps of decoding from a weak model (:func:`teacher_f
       q the tempered CP conditional the drafts would be sampled from (at T = 0: 1 if the argmax
       of q equals the argmax of p, else 0).
 
-Decoding speed (:func:`decode_benchmark`)
-    ``cptoy.decoding.generate`` on held-out prompts, all strategies of one model interleaved
-    prompt by prompt in one run, KV cache everywhere: tokens per forward, wall-clock tokens per
-    second, speed-up over autoregressive decoding *of the same model in the same run*, the share
-    of time spent drafting, and beside every speed figure the repetition of the output
-    (:func:`repetition`) and, for code, its share of whitespace (:func:`whitespace_share`), so a
-    model stuck in a whitespace loop cannot pass for a fast one. Each method carries a label:
-    lossless (its output has exactly the backbone's distribution) or lossy / verifier-free.
-
 Verification cost (:func:`verify_cost`)
     Time of a k-token cached forward relative to a 1-token forward on this machine, and the
     ceiling it implies for wall-clock speed-up: with k tokens per forward at best,
-    ``speed-up <= k * t(1) / (t(k) + drafting)``.
+    ``speed-up <= k * t(1) / (t(k) + drafting)`` (:func:`predicted_speedup`).
 
 Held-out data (:func:`heldout_text`, :func:`heldout_ids`, :func:`heldout_prompts`) comes from the
 corpora's validation split (``cptoy.data.load_corpus``), never from training text.
+
+Decoding speed is measured by :mod:`cptoy.benchmark` (``benchmark_methods``,
+``decode_benchmark``, ``repetition``, ``format_table``, re-exported here) and the heads-only
+decoder lives in :mod:`cptoy.verifierfree`.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field, fields, is_dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from cptoy._checks import check_positive_int, check_temperature, check_token_ids
+from cptoy.benchmark import (  # noqa: F401 (re-exported: the names bench/ and notebooks use)
+    BENCH_COLUMNS,
+    METHOD_LABELS,
+    BenchRow,
+    Method,
+    benchmark_methods,
+    decode_benchmark,
+    format_table,
+    repetition,
+    whitespace_share,
+)
+from cptoy.cp import CPDist
+from cptoy.data import load_corpus
+from cptoy.decoding import backbone_of, check_n_draft, check_routing, device_of
+from cptoy.verifierfree import heads_only_generate  # noqa: F401 (re-exported)
 
 __all__ = [
     "TFResult",
@@ -63,41 +70,9 @@ __all__ = [
     "heldout_text",
     "heldout_ids",
     "heldout_prompts",
-    "rows_as_dicts",
 ]
 
-# What each decoding method guarantees about its output (background.md section 3).
-METHOD_LABELS = {
-    "ar": "lossless (reference)",
-    "self-spec": "lossless",
-    "lookup": "lossless",
-    "heads-only": "lossy, verifier-free",
-}
 _CHUNK_BYTES = 32 * 2**20  # budget for one chunk's (c, k, r, V) float64 factors
-
-
-# ====================================================================== small validation
-def _backbone(model):
-    bb = getattr(model, "backbone", None)
-    return bb if bb is not None else model
-
-
-def _check_n_draft(model, n_draft) -> int:
-    n_future = getattr(model, "n_future", None)
-    heads = getattr(model, "heads", None)
-    if heads is None or not hasattr(heads, "draft") or n_future is None or n_future < 2:
-        raise TypeError("model must be an MTPModel with CP heads and n_future >= 2 "
-                        "(model.heads.draft, model.n_future)")
-    k = n_future - 1 if n_draft is None else n_draft
-    check_positive_int(k, "n_draft")
-    if k > n_future - 1:
-        raise ValueError(f"n_draft must be in [1, n_future - 1 = {n_future - 1}], got {k}")
-    return k
-
-
-def _nanmean(xs) -> float:
-    xs = [x for x in xs if x is not None and not math.isnan(x)]
-    return sum(xs) / len(xs) if xs else float("nan")
 
 
 # ====================================================================== teacher forcing
@@ -208,13 +183,11 @@ def teacher_forced_acceptance(
 
     Returns a :class:`TFResult`.
     """
-    from cptoy.decoding import _draft_fn, _takes_n_draft, check_routing
-
     t_start = time.perf_counter()
-    k = _check_n_draft(model, n_draft)
+    k = check_n_draft(model, n_draft)
     T = check_temperature(temperature)
     check_routing(routing, model)
-    backbone = _backbone(model)
+    backbone = backbone_of(model)
     V, block = backbone.config.vocab_size, backbone.config.block_size
     ids = check_token_ids(ids, V)
     check_positive_int(min_context, "min_context")
@@ -243,8 +216,7 @@ def teacher_forced_acceptance(
                 total += counts[i]
             wins = [wins[i] for i in sorted(chosen)]
 
-    draft = _draft_fn(model)
-    takes_k = _takes_n_draft(draft)
+    heads = model.heads
     was_training = getattr(model, "training", False)
     if hasattr(model, "eval"):
         model.eval()
@@ -256,19 +228,19 @@ def teacher_forced_acceptance(
                 break
             w = ids[start:end]  # (L,)
             L = w.numel()
-            H = backbone(w[None].to(_device(backbone)))[0]  # (L, d)
+            H = backbone(w[None].to(device_of(backbone)))[0]  # (L, d)
             logits = backbone.logits(H).to("cpu", torch.float64)  # (L, V)
             t_loc = torch.arange(first, L - k_win - 1)[:remaining]  # (m,) local positions
             remaining -= t_loc.numel()
             idx_y = t_loc[:, None] + 2 + torch.arange(k)  # (m, k): positions of y_2..y_{k+1}
             Y = w[idx_y]  # (m, k) true continuation
             X1 = w[t_loc + 1]  # (m,)
-            r_guess = getattr(model.heads, "rank", 1)
+            r_guess = getattr(heads, "rank", 1)
             c = max(1, _CHUNK_BYTES // (8 * k * max(r_guess, 1) * V))
             for lo in range(0, t_loc.numel(), c):
                 tl, y, x1 = t_loc[lo:lo + c], Y[lo:lo + c], X1[lo:lo + c]
                 h = H[tl]  # (c, d)
-                d1 = _call_draft(draft, takes_k, h, x1.to(h.device), 1.0, k)
+                d1 = _draft(heads, h, x1.to(h.device), 1.0, k)
                 top = d1.log_weights.argmax(-1)  # (c,) the expert greedy one-expert routing uses
                 if routing == "expert":
                     mode = d1.log_factors[torch.arange(len(top)), :, top].argmax(-1)  # (c, k)
@@ -276,8 +248,7 @@ def teacher_forced_acceptance(
                     mode = d1.mode().cpu()  # (c, k)
                 match = (mode == y).long().cumprod(1)  # (c, k): first j drafts all equal y
                 g_acc.append(match)
-                dT = d1 if T in (0.0, 1.0) else _call_draft(draft, takes_k, h, x1.to(h.device),
-                                                           T, k)
+                dT = d1 if T in (0.0, 1.0) else _draft(heads, h, x1.to(h.device), T, k)
                 lg = logits[tl[:, None] + 1 + torch.arange(k)]  # (c, k, V): p after y_<j
                 if routing == "expert":
                     s_cum.append(_expert_acceptance(dT, lg, T, top))
@@ -310,20 +281,11 @@ def teacher_forced_acceptance(
     )
 
 
-def _device(module) -> torch.device:
-    try:
-        return next(module.parameters()).device
-    except (AttributeError, StopIteration):
-        return torch.device("cpu")
-
-
-def _call_draft(draft, takes_k: bool, h, x1, temperature: float, k: int):
+def _draft(heads, h, x1, temperature: float, k: int) -> CPDist:
     """The heads' CP over drafted positions 2..k+1 given x1 (batch (c,)), detached, CPU."""
-    dist = draft(h, x1, temperature, n_draft=k) if takes_k else draft(h, x1, temperature)
+    dist = heads.draft(h, x1, temperature, n_draft=k)
     if dist.n < k:
         raise RuntimeError(f"heads drafted {dist.n} positions, {k} needed")
-    from cptoy.cp import CPDist
-
     return CPDist(dist.log_weights.detach().cpu(), dist.log_factors[..., :k, :, :].detach().cpu())
 
 
@@ -364,301 +326,6 @@ def _true_prefix_conditionals(dist, y: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(log_gates[..., None] + lf, dim=2).exp()  # (c, k, V)
 
 
-# ====================================================================== output quality
-def repetition(tokens, n: int = 4) -> float:
-    """Fraction of repeated n-grams in a token sequence.
-
-    Among the ``len(tokens) - n + 1`` n-grams of ``tokens`` (windows at every start, overlapping),
-    the fraction whose exact n tokens already occurred as an n-gram starting at an earlier
-    position. 0.0 for text without repeats; close to 1 for a loop. NaN when ``tokens`` holds fewer
-    than ``n`` tokens (there is no n-gram to count).
-
-    >>> repetition([1, 2, 3, 4, 1, 2, 3, 4], n=4)   # 5 4-grams, the last one repeats the first
-    0.2
-    """
-    check_positive_int(n, "n")
-    if isinstance(tokens, torch.Tensor):
-        if tokens.dim() != 1:
-            raise ValueError(f"tokens must be 1-D, got shape {tuple(tokens.shape)}")
-        tokens = tokens.tolist()
-    elif isinstance(tokens, str):
-        raise TypeError("tokens must be a sequence of token ids, not a str")
-    tokens = list(tokens)
-    m = len(tokens) - n + 1
-    if m <= 0:
-        return float("nan")
-    seen: set[tuple] = set()
-    rep = 0
-    for i in range(m):
-        g = tuple(tokens[i:i + n])
-        rep += g in seen
-        seen.add(g)
-    return rep / m
-
-
-def whitespace_share(text: str) -> float:
-    """Fraction of the characters of ``text`` that are whitespace (``str.isspace``: spaces,
-    tabs, newlines); NaN for the empty string."""
-    if not isinstance(text, str):
-        raise TypeError(f"text must be a str, got {type(text).__name__}")
-    if not text:
-        return float("nan")
-    return sum(ch.isspace() for ch in text) / len(text)
-
-
-# ====================================================================== verifier-free baseline
-@torch.no_grad()
-def heads_only_generate(model, prompt_ids, max_new_tokens: int, temperature: float = 1.0,
-                        seed: int | None = 0, n_draft: int | None = None):
-    """Verifier-free multi-token decoding (lossy): keep every draft without checking it.
-
-    Each forward over ``[x_1, d_2..d_{k+1}]`` (KV cache) yields, at its last position, the
-    backbone's next token x_1' (sampled at ``temperature``, argmax at 0) and the heads' drafts
-    after it (sampled from the tempered CP conditioned on x_1', its mode at 0). All k + 1 tokens
-    are kept, so tokens per forward is k + 1 by construction, but the output no longer has the
-    backbone's distribution. Returns a ``cptoy.decoding.Generation`` (arrivals "first" for the
-    backbone's tokens, "draft" for the unchecked ones).
-    """
-    from cptoy._checks import check_prompt_ids
-    from cptoy.decoding import Generation, GenerationStats, sample_rows
-
-    k = _check_n_draft(model, n_draft)
-    T = check_temperature(temperature)
-    check_positive_int(max_new_tokens, "max_new_tokens")
-    bb = _backbone(model)
-    prompt = check_prompt_ids(prompt_ids, bb.config.vocab_size)
-    if len(prompt) + max_new_tokens > bb.config.block_size:
-        raise ValueError(f"prompt ({len(prompt)}) + max_new_tokens ({max_new_tokens}) exceeds "
-                         f"block_size {bb.config.block_size}")
-    gen = torch.Generator()
-    gen.manual_seed(seed) if seed is not None else gen.seed()
-    t0 = time.perf_counter()
-    stats = GenerationStats(strategy="heads-only", temperature=T)
-    was_training = getattr(model, "training", False)
-    model.eval()
-    try:
-        cache = bb.new_cache(1)
-        chunk = prompt
-        tokens: list[int] = []
-        while len(tokens) < max_new_tokens:
-            tf = time.perf_counter()
-            H = bb(torch.tensor([chunk], dtype=torch.long), cache)  # (1, len(chunk), d)
-            h = H[:, -1]  # (1, d)
-            lg = bb.logits(h)[0].double()  # (V,)
-            x1 = int(lg.argmax()) if T == 0 else int(sample_rows(torch.softmax(lg / T, -1), gen))
-            dt = time.perf_counter()
-            if len(tokens) == 0:
-                stats.prefill_time += dt - tf
-            else:
-                stats.verify_time += dt - tf
-            room = max_new_tokens - len(tokens) - 1
-            drafts: list[int] = []
-            if room > 0:
-                kk = min(k, room)
-                dist = model.heads.draft(h, torch.tensor([x1]), T if T > 0 else 1.0, n_draft=kk)
-                dist = dist[0].detach().to("cpu", torch.float64)
-                if T == 0:
-                    drafts = dist.mode().tolist()
-                else:
-                    a = int(sample_rows(dist.weights, gen)) if dist.rank > 1 else 0
-                    drafts = sample_rows(dist.log_factors[:, a].exp(), gen).tolist()
-            stats.draft_time += time.perf_counter() - dt
-            emitted = [x1] + drafts
-            tokens.extend(emitted)
-            stats.arrival.extend(["first"] + ["draft"] * len(drafts))
-            stats.forward_passes += 1
-            stats.gained_per_forward.append(len(emitted))
-            chunk = emitted
-    finally:
-        if was_training:
-            model.train()
-    stats.wall_time = time.perf_counter() - t0
-    return Generation(tokens=tokens, stats=stats)
-
-
-# ====================================================================== decoding benchmark
-@dataclass
-class BenchRow:
-    """One (model, strategy, temperature) row of :func:`decode_benchmark`: sums over prompts."""
-
-    model: str  # the model's name in the table
-    strategy: str  # "ar", "self-spec", "lookup" or "heads-only"
-    label: str  # lossless / lossy, verifier-free (METHOD_LABELS)
-    temperature: float  # 0 = greedy
-    n_draft: int  # drafts per step (0 for "ar")
-    prompts: int  # number of prompts decoded
-    tokens: int  # new tokens over all prompts
-    forwards: int  # backbone forwards over all prompts (prefills included)
-    tokens_per_forward: float  # tokens / forwards
-    tokens_per_second: float  # tokens / wall seconds (all prompts)
-    speedup: float  # tokens_per_second / that of "ar" in the same run (nan without "ar")
-    draft_share: float  # drafting time / wall time
-    forward_share: float  # backbone forwards (prefill + verification) time / wall time
-    repetition: float  # mean over prompts of repetition(tokens, 4)
-    whitespace: float  # mean over prompts of whitespace_share(decoded) (nan without decode)
-    acceptance: list[float]  # accepted / attempted by draft position 2, 3, ...
-    equal_to_ar: float  # fraction of prompts whose tokens equal "ar"'s (temperature 0; else nan)
-    seconds: float  # wall seconds over all prompts
-    texts: list[str] = field(default_factory=list, repr=False)  # decoded outputs (with decode)
-    generations: list = field(default_factory=list, repr=False)  # the Generation objects
-
-
-def _run(model, strategy, prompt, max_new, T, seed, n_draft, lookup_ngram, eos_id,
-         routing="mixture"):
-    from cptoy.decoding import generate
-
-    if strategy == "heads-only":
-        return heads_only_generate(model, prompt, max_new, T, seed=seed, n_draft=n_draft)
-    return generate(model, prompt, max_new, temperature=T, strategy=strategy, seed=seed,
-                    eos_id=eos_id, n_draft=None if strategy == "ar" else n_draft,
-                    lookup_ngram=lookup_ngram,
-                    routing=routing if strategy == "self-spec" else "mixture")
-
-
-@dataclass
-class Method:
-    """One decoding method in a benchmark run: a model, a strategy and its drafts per step."""
-
-    name: str  # shown in the "model" column
-    model: object  # MTPModel (a bare backbone for "ar" / "lookup")
-    strategy: str  # "ar", "self-spec", "lookup" or "heads-only"
-    n_draft: int | None = None  # drafts per step (None: the model's n_future - 1)
-    routing: str = "mixture"  # self-spec drafter: "mixture" or "expert" (cptoy.decoding)
-
-
-def _check_method(m: Method) -> Method:
-    if not isinstance(m, Method):
-        raise TypeError(f"methods must hold Method objects, got {type(m).__name__}")
-    if m.strategy not in METHOD_LABELS:
-        raise ValueError(f"strategy must be one of {tuple(METHOD_LABELS)}, got {m.strategy!r}")
-    if m.strategy in ("self-spec", "heads-only"):
-        k = _check_n_draft(m.model, m.n_draft)
-    elif m.strategy == "lookup":
-        nf = getattr(m.model, "n_future", None)
-        k = m.n_draft if m.n_draft is not None else (nf - 1 if nf and nf >= 2 else 4)
-        check_positive_int(k, "n_draft")
-    else:
-        k = 0
-    from cptoy.decoding import check_routing
-
-    check_routing(m.routing, m.model if m.strategy == "self-spec" else None)
-    return Method(m.name, m.model, m.strategy, k, m.routing)
-
-
-def benchmark_methods(
-    methods,
-    prompts,
-    temperature: float = 0.8,
-    max_new_tokens: int = 64,
-    seed: int = 0,
-    decode=None,
-    lookup_ngram: int = 3,
-    eos_id: int | None = None,
-    warmup: bool = True,
-) -> list[BenchRow]:
-    """Decode every prompt with every :class:`Method`, interleaved, and measure each.
-
-    Prompt i is decoded by every method in turn (with seed ``seed + i``) before prompt i + 1,
-    so load from other processes hits all methods alike. Speed-up is relative to the first
-    method whose strategy is "ar" (give the same backbone). ``warmup`` decodes the first prompt
-    once per method, untimed. Returns one :class:`BenchRow` per method, in order.
-    """
-    methods = [_check_method(m) for m in methods]
-    if not methods:
-        raise ValueError("methods must not be empty")
-    if not isinstance(prompts, (list, tuple)) or not prompts:
-        raise ValueError("prompts must be a non-empty list of token-id lists")
-    T = check_temperature(temperature)
-    check_positive_int(max_new_tokens, "max_new_tokens")
-    if decode is not None and not callable(decode):
-        raise TypeError("decode must be a callable (tokenizer.decode) or None")
-
-    def run(m, prompt, s):
-        return _run(m.model, m.strategy, prompt, max_new_tokens if s is not None else
-                    min(8, max_new_tokens), T, seed if s is None else s, m.n_draft,
-                    lookup_ngram, eos_id, m.routing)
-
-    if warmup:
-        for m in methods:
-            run(m, prompts[0], None)
-    gens: list[list] = [[] for _ in methods]
-    for i, prompt in enumerate(prompts):
-        for j, m in enumerate(methods):
-            gens[j].append(run(m, prompt, seed + i))
-
-    ar = next((j for j, m in enumerate(methods) if m.strategy == "ar"), None)
-    rows = []
-    for m, gs in zip(methods, gens, strict=True):
-        tokens = sum(len(g.tokens) for g in gs)
-        forwards = sum(g.stats.forward_passes for g in gs)
-        wall = sum(g.stats.wall_time for g in gs)
-        draft_t = sum(g.stats.draft_time for g in gs)
-        fwd_t = sum(g.stats.prefill_time + g.stats.verify_time for g in gs)
-        att = [sum(x) for x in zip(*[g.stats.attempted_by_position for g in gs], strict=True)]
-        acc = [sum(x) for x in zip(*[g.stats.accepted_by_position for g in gs], strict=True)]
-        texts = [decode(g.tokens) for g in gs] if decode is not None else []
-        equal = float("nan")
-        if T == 0 and ar is not None:
-            equal = sum(g.tokens == a.tokens for g, a in zip(gs, gens[ar], strict=True)) / len(gs)
-        rows.append(BenchRow(
-            model=m.name, strategy=m.strategy, label=METHOD_LABELS[m.strategy], temperature=T,
-            n_draft=m.n_draft, prompts=len(gs), tokens=tokens, forwards=forwards,
-            tokens_per_forward=tokens / forwards,
-            tokens_per_second=tokens / wall if wall > 0 else float("nan"), speedup=float("nan"),
-            draft_share=draft_t / wall if wall > 0 else float("nan"),
-            forward_share=fwd_t / wall if wall > 0 else float("nan"),
-            repetition=_nanmean(repetition(g.tokens) for g in gs),
-            whitespace=_nanmean(whitespace_share(t) for t in texts),
-            acceptance=[a / t if t else float("nan") for a, t in zip(acc, att, strict=True)],
-            equal_to_ar=equal, seconds=wall, texts=texts, generations=gs,
-        ))
-    if ar is not None:
-        for r in rows:
-            r.speedup = r.tokens_per_second / rows[ar].tokens_per_second
-    return rows
-
-
-def decode_benchmark(
-    model,
-    prompts,
-    strategies=("ar", "self-spec", "lookup"),
-    temperature: float = 0.8,
-    max_new_tokens: int = 64,
-    seed: int = 0,
-    decode=None,
-    n_draft: int | None = None,
-    lookup_ngram: int = 3,
-    eos_id: int | None = None,
-    name: str = "model",
-    warmup: bool = True,
-) -> list[BenchRow]:
-    """Decode every prompt with every strategy of one model and measure speed and quality.
-
-    model: an ``MTPModel`` (a bare backbone for "ar" / "lookup" only).
-    prompts: a list of prompts, each a list of token ids (or a 1-D tensor).
-    strategies: a subset of ("ar", "self-spec", "lookup", "heads-only"); speed-up is relative
-        to "ar", which should be among them.
-    temperature: >= 0 (0 greedy). seed: prompt i is decoded with seed ``seed + i`` by every
-        strategy. n_draft: drafts per step (default: the model's n_future - 1; lookup on a bare
-        backbone: 4). decode: ``tokenizer.decode`` for the whitespace share and the texts.
-    warmup: decode the first prompt once per strategy, untimed, before measuring.
-
-    One interleaved run (:func:`benchmark_methods`). Returns one :class:`BenchRow` per strategy.
-    """
-    if isinstance(strategies, str):
-        strategies = (strategies,)
-    strategies = tuple(strategies)
-    if not strategies or any(s not in METHOD_LABELS for s in strategies):
-        raise ValueError(f"strategies must be a non-empty subset of {tuple(METHOD_LABELS)}, "
-                         f"got {strategies}")
-    if len(set(strategies)) != len(strategies):
-        raise ValueError(f"strategies must be distinct, got {strategies}")
-    methods = [Method(name, model, s, None if s == "ar" else n_draft) for s in strategies]
-    return benchmark_methods(methods, prompts, temperature=temperature,
-                             max_new_tokens=max_new_tokens, seed=seed, decode=decode,
-                             lookup_ngram=lookup_ngram, eos_id=eos_id, warmup=warmup)
-
-
 # ====================================================================== verification cost
 def _low_quartile(xs: list[float]) -> float:
     """The 25th percentile of ``xs`` (nearest rank)."""
@@ -696,9 +363,7 @@ def verify_cost(model, k_values=(1, 2, 3, 4, 5, 6), context_length: int = 64,
     forward, measured here), which would move a median; the lower quartile is the cost of the
     computation itself.
     """
-    from cptoy.decoding import _cp_drafts, _draft_fn, _takes_n_draft, check_routing
-
-    bb = _backbone(model)
+    bb = backbone_of(model)
     T = check_temperature(temperature)
     if isinstance(k_values, int):
         k_values = (k_values,)
@@ -713,16 +378,15 @@ def verify_cost(model, k_values=(1, 2, 3, 4, 5, 6), context_length: int = 64,
         raise ValueError(f"context_length + max(k_values) = {context_length + max(ks)} exceeds "
                          f"block_size {block}")
     n_future = getattr(model, "n_future", None)
-    heads_ok = getattr(model, "heads", None) is not None and n_future is not None
-    draft = _draft_fn(model) if heads_ok else None
-    takes_k = draft is not None and _takes_n_draft(draft)
-    check_routing(routing, model if draft is not None else None)
+    heads = getattr(model, "heads", None)
+    drafter = heads if hasattr(heads, "propose") and n_future is not None else None
+    check_routing(routing, model if drafter is not None else None)
     g = torch.Generator().manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)  # the drafts' sampling
     ids = torch.randint(0, V, (1, context_length + max(ks)), generator=g)
     was_training = getattr(model, "training", False)
     model.eval()
-    dev = _device(bb)
+    dev = device_of(bb)
     ids = ids.to(dev)
     times = {k: [] for k in ks}
     dtimes = {k: [] for k in ks}
@@ -740,11 +404,11 @@ def verify_cost(model, k_values=(1, 2, 3, 4, 5, 6), context_length: int = 64,
                 t1 = time.perf_counter()
                 cache.truncate(context_length)
                 dt = float("nan")
-                can_draft = draft is not None and 2 <= k <= n_future
-                if can_draft:
+                if drafter is not None and 2 <= k <= n_future:
                     t2 = time.perf_counter()
-                    _cp_drafts(draft, takes_k, h_last, x1, k - 1, T, gen, dev, False, routing,
-                               model.heads)  # returns Python ints: synchronised
+                    prop = drafter.propose(h_last, x1, k - 1, T, gen, routing)  # ints: synced
+                    if T > 0:
+                        _ = prop.q.at  # what the decoder reads to verify (lazy until then)
                     dt = time.perf_counter() - t2
                 if rep >= 2:
                     times[k].append(t1 - t0)
@@ -777,73 +441,10 @@ def predicted_speedup(tokens_per_forward: float, cost: list[CostRow], k: int) ->
     return tokens_per_forward * by[1].ms / (c.ms + d)
 
 
-# ====================================================================== markdown tables
-def _fmt(v) -> str:
-    if v is None:
-        return "–"
-    if isinstance(v, bool):
-        return "yes" if v else "no"
-    if isinstance(v, float):
-        if math.isnan(v):
-            return "–"
-        a = abs(v)
-        return f"{v:.0f}" if a >= 100 else f"{v:.1f}" if a >= 10 else f"{v:.2f}"
-    if isinstance(v, (list, tuple)):
-        return " / ".join(_fmt(x) for x in v) if v else "–"
-    return str(v).replace("|", "\\|").replace("\n", " ")
-
-
-BENCH_COLUMNS = [
-    ("model", "model"), ("method", "strategy"), ("kind", "label"), ("T", "temperature"),
-    ("drafts", "n_draft"), ("tokens/forward", "tokens_per_forward"),
-    ("tokens/s", "tokens_per_second"), ("speed-up vs AR", "speedup"),
-    ("draft share", "draft_share"), ("repeated 4-grams", "repetition"),
-    ("whitespace", "whitespace"), ("acceptance by position", "acceptance"),
-]
-
-
-def format_table(rows, columns=None) -> str:
-    """A markdown table of ``rows`` (dataclasses or dicts).
-
-    columns: list of field names or (header, field name | callable(row)) pairs; default: every
-    field whose values are scalars (for :class:`BenchRow`: :data:`BENCH_COLUMNS`). Floats print
-    with 2 decimals (1 from 10, none from 100), NaN and None as "–", lists joined by " / ".
-    """
-    rows = list(rows)
-    if not rows:
-        raise ValueError("rows is empty")
-    dicts = []
-    for r in rows:
-        if is_dataclass(r) and not isinstance(r, type):
-            dicts.append({f.name: getattr(r, f.name) for f in fields(r)})
-        elif isinstance(r, dict):
-            dicts.append(r)
-        else:
-            raise TypeError(f"rows must be dataclasses or dicts, got {type(r).__name__}")
-    if columns is None:
-        if all(isinstance(r, BenchRow) for r in rows):
-            columns = BENCH_COLUMNS
-        else:
-            columns = [k for k, v in dicts[0].items()
-                       if isinstance(v, (int, float, str, bool)) or v is None]
-    cols = [(c, c) if isinstance(c, str) else tuple(c) for c in columns]
-    for _h, key in cols:
-        if isinstance(key, str) and any(key not in d for d in dicts):
-            raise ValueError(f"column {key!r} is not a field of every row")
-    lines = ["| " + " | ".join(h for h, _ in cols) + " |",
-             "|" + "|".join("---" for _ in cols) + "|"]
-    for r, d in zip(rows, dicts, strict=True):
-        cells = [_fmt(key(r) if callable(key) else d[key]) for _, key in cols]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
 # ====================================================================== held-out data
 def heldout_text(corpus: str = "code", max_chars: int | None = 200_000) -> str:
     """The first ``max_chars`` characters (None: all) of a corpus's validation split
     (``cptoy.data.load_corpus(corpus).val``): text no shipped model was trained on."""
-    from cptoy.data import load_corpus
-
     if corpus not in ("code", "shakespeare"):
         raise ValueError(f"corpus must be 'code' or 'shakespeare', got {corpus!r}")
     if max_chars is not None:
@@ -884,13 +485,3 @@ def heldout_prompts(corpus: str, tokenizer, num: int = 8, prompt_tokens: int = 3
     if len(out) < num:
         raise ValueError(f"found only {len(out)} prompts of {prompt_tokens} tokens")
     return [ids for _, ids in sorted(out)]
-
-
-def rows_as_dicts(rows) -> list[dict]:
-    """Plain dicts of result rows (for json), lists and scalars only."""
-    out = []
-    for r in rows:
-        d = {f.name: getattr(r, f.name) for f in fields(r)} if is_dataclass(r) else dict(r)
-        out.append({k: v for k, v in d.items() if k not in ("texts", "generations")
-                    and (isinstance(v, (int, float, str, bool, list)) or v is None)})
-    return out

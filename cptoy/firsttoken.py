@@ -12,8 +12,8 @@ CP over positions 1..n they are rank V: one expert per value of x_1, whose posit
 point mass, so the posterior after x_1 is exact instead of an r-way guess.
 
 Decoding with them is lossless like any drafter (q is the factor the drafts came from):
-``cptoy.decoding.generate`` uses :meth:`FirstTokenHeads.draft_step`, ``cptoy.evaluate`` measures
-them with the same protocol as the CP heads. Initialised from rank-1 CP heads
+``cptoy.decoding.generate`` drafts with ``propose`` (over :meth:`FirstTokenHeads.draft_step`),
+``cptoy.evaluate`` measures them with the same protocol as the CP heads. Initialised from rank-1 CP heads
 (:meth:`FirstTokenModel.from_mtp`, x_1 half zero) they start exactly as those heads and learn
 how much x_1 matters. Shipped checkpoints ``code_x1`` / ``shakespeare_x1`` hold the heads only
 and name the shipped checkpoint whose frozen backbone they were trained on.
@@ -24,7 +24,6 @@ and name the shipped checkpoint whose frozen backbone they were trained on.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 
 import torch
@@ -33,8 +32,12 @@ import torch.nn.functional as F
 
 from cptoy._checks import check_positive_int
 from cptoy.cp import CPDist
-from cptoy.heads import DraftingHeads, DraftStep, MTPModel, read_torch_file
+from cptoy.data import encode_corpus, load_corpus, tokenizer_from_dict
+from cptoy.heads import DraftingHeads, DraftStep, MTPModel, check_backbone_config
 from cptoy.model import GPT, GPTConfig
+from cptoy.persist import atomic_save, module_fingerprint, read_torch_file, shipped_path
+from cptoy.recipes import check_slice_ids, check_slice_metrics
+from cptoy.train import TrainConfig, evaluate_loss, train
 
 FORMAT = "cptoy-first-token-heads"  # the "format" entry of a first-token-heads checkpoint
 FORMAT_VERSION = 1
@@ -191,16 +194,12 @@ class FirstTokenModel(nn.Module):
     def __init__(self, config: GPTConfig, n_future: int, positions: int | None = 32,
                  seed: int = 0):
         super().__init__()
-        backbone = config if isinstance(config, GPT) else None
-        if backbone is not None:
-            config = backbone.config
-        if not isinstance(config, GPTConfig):
-            raise TypeError(
-                f"config must be a GPTConfig or a GPT backbone, got {type(config).__name__}")
+        check_backbone_config(config)
         if positions is not None:
             check_positive_int(positions, "positions")
         self.n_future, self.positions, self.seed = n_future, positions, seed
-        self.backbone = GPT(config) if backbone is None else backbone
+        self.backbone = config if isinstance(config, GPT) else GPT(config)
+        config = self.backbone.config
         for p in self.backbone.parameters():
             p.requires_grad_(False)
         self.heads = FirstTokenHeads(config.n_embd, config.vocab_size, n_future,
@@ -262,7 +261,7 @@ class FirstTokenModel(nn.Module):
         y = torch.stack([idx.gather(1, pos + j) for j in range(1, n + 1)], -1).reshape(-1, n)
         lg = self.heads.logits(h, y[:, 0])  # (N, n - 1, V)
         nll = F.cross_entropy(lg.reshape(-1, lg.shape[-1]).float(), y[:, 1:].reshape(-1),
-                              reduction="none")  # (N (n - 1),): rows contiguous, 2.6x faster
+                              reduction="none")  # (N (n - 1),): rows contiguous
         per = nll.view(-1, n - 1).mean(0)  # (n - 1,)
         out = {"total": per.mean(), "draft_nll": per.mean()}
         out.update({f"draft_nll_{j + 2}": per[j] for j in range(n - 1)})
@@ -275,18 +274,16 @@ class FirstTokenModel(nn.Module):
     # ------------------------------------------------------------------ checkpoints
     def backbone_fingerprint(self) -> str:
         """sha256 of the backbone's weights rounded to half precision (identifies it)."""
-        h = hashlib.sha256()
-        for k, v in sorted(self.backbone.state_dict().items()):
-            h.update(k.encode())
-            h.update(v.detach().to("cpu", torch.float16).numpy().tobytes())
-        return h.hexdigest()
+        return module_fingerprint(self.backbone)
 
-    def save(self, path, backbone_checkpoint: str, metrics: dict | None = None) -> None:
-        """Write the heads (half precision), shortlist and metrics; the backbone is referenced by
-        the name of the shipped checkpoint it comes from (``cptoy.checkpoints``) and its
-        fingerprint, checked on load."""
-        if not isinstance(backbone_checkpoint, str):
-            raise TypeError("backbone_checkpoint must be the name of a shipped checkpoint (str)")
+    def save(self, path, backbone_checkpoint: str | None = None,
+             metrics: dict | None = None) -> None:
+        """Write the heads (half precision), shortlist and metrics, and the backbone's
+        fingerprint (checked on load). ``backbone_checkpoint``: the name of the MTP checkpoint
+        the backbone comes from (a file beside ``path``, or a shipped one), so that
+        :meth:`load` can find it; None when the backbone will be passed to :meth:`load`."""
+        if backbone_checkpoint is not None and not isinstance(backbone_checkpoint, str):
+            raise TypeError("backbone_checkpoint must be a checkpoint name (str) or None")
         ckpt = dict(
             format=FORMAT, format_version=FORMAT_VERSION, n_future=self.n_future,
             positions=self.positions, seed=self.seed,
@@ -296,27 +293,32 @@ class FirstTokenModel(nn.Module):
             backbone=dict(checkpoint=backbone_checkpoint, fingerprint=self.backbone_fingerprint()),
             metrics=dict(metrics or {}),
         )
-        path = os.fspath(path)
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        torch.save(ckpt, path + ".tmp")
-        os.replace(path + ".tmp", path)
+        atomic_save(ckpt, path)
 
     @classmethod
-    def load(cls, path) -> FirstTokenModel:
-        """Load a checkpoint written by :meth:`save` together with its shipped backbone."""
-        from cptoy import checkpoints
-
+    def load(cls, path, backbone: GPT | None = None) -> FirstTokenModel:
+        """Load a checkpoint written by :meth:`save` onto ``backbone`` (a ``GPT``, used as it
+        is), or, when None, onto the backbone of the MTP checkpoint it names (a file beside
+        ``path``, else a shipped one). The backbone's fingerprint must match the stored one."""
+        path = os.fspath(path)
         ckpt = read_checkpoint(path)
-        base = ckpt["backbone"]["checkpoint"]
-        mtp = MTPModel.load(checkpoints.path(base))
-        model = cls(mtp.config, ckpt["n_future"], ckpt.get("positions"), ckpt.get("seed", 0))
-        model.backbone.load_state_dict(mtp.backbone.state_dict())
+        base, tokenizer_dict = ckpt["backbone"].get("checkpoint"), None
+        if backbone is None:
+            if base is None:
+                raise ValueError(f"checkpoint {path!r} names no backbone checkpoint; pass the "
+                                 "backbone it was trained on (backbone=)")
+            beside = os.path.join(os.path.dirname(os.path.abspath(path)), f"{base}.pt")
+            mtp = MTPModel.load(beside if os.path.isfile(beside) else shipped_path(base))
+            backbone, tokenizer_dict = mtp.backbone, mtp.tokenizer_dict
+        elif not isinstance(backbone, GPT):
+            raise TypeError(f"backbone must be a cptoy.model.GPT, got {type(backbone).__name__}")
+        model = cls(backbone, ckpt["n_future"], ckpt.get("positions"), ckpt.get("seed", 0))
         if model.backbone_fingerprint() != ckpt["backbone"]["fingerprint"]:
-            raise ValueError(f"checkpoint {os.fspath(path)!r} was trained on another backbone "
-                             f"than the one in {base!r} now")
-        model.heads.load_saved(ckpt["state_dict"], ckpt.get("draft_vocab"), os.fspath(path))
+            where = f"the one in {base!r} now" if tokenizer_dict is not None else "the one given"
+            raise ValueError(f"checkpoint {path!r} was trained on another backbone than {where}")
+        model.heads.load_saved(ckpt["state_dict"], ckpt.get("draft_vocab"), path)
         model.metrics = ckpt.get("metrics") or {}
-        model.tokenizer_dict = mtp.tokenizer_dict
+        model.tokenizer_dict = tokenizer_dict
         model.backbone_checkpoint = base
         return model
 
@@ -345,11 +347,6 @@ def is_first_token_checkpoint(path) -> bool:
 def main(argv=None) -> None:
     """Train first-token heads on a shipped rank-1 checkpoint's frozen backbone (the recipe of
     the shipped ``<corpus>_x1`` checkpoints)."""
-    from cptoy import checkpoints
-    from cptoy.data import encode_corpus, load_corpus, tokenizer_from_dict
-    from cptoy.recipes import check_slice_ids, check_slice_metrics
-    from cptoy.train import TrainConfig, evaluate_loss, train
-
     p = argparse.ArgumentParser(prog="python -m cptoy.firsttoken", description=main.__doc__)
     p.add_argument("--corpus", default="code", choices=["code", "shakespeare"])
     p.add_argument("--minutes", type=float, default=10.0)
@@ -359,7 +356,7 @@ def main(argv=None) -> None:
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
     base = f"{a.corpus}_r1"
-    mtp = MTPModel.load(checkpoints.path(base))
+    mtp = MTPModel.load(shipped_path(base))
     tok = tokenizer_from_dict(mtp.tokenizer_dict)
     model = FirstTokenModel.from_mtp(mtp, positions=32)
     data = encode_corpus(load_corpus(a.corpus), tok)

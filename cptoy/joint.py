@@ -209,10 +209,6 @@ class HMM:
         raise ValueError(f"the joint of n={n} >= 4 tokens of an HMM is not exactly rank S unless "
                          "the transition is the identity; fit it with cptoy.cp.fit_cp instead")
 
-    def exact_cp(self, n: int = 3, context=None) -> CPDist:
-        """Alias of :meth:`joint_cp` (exact rank-S CP of the n-token joint; n <= 3)."""
-        return self.joint_cp(n, context)
-
     # ------------------------------------------------------------------ sampling
     def sample(
         self,

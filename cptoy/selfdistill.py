@@ -31,6 +31,11 @@ masks (KV cache) gives k greedy tokens with their top-1 probabilities; emit the 
 whose top-1 probabilities all *exceed* ``threshold`` (:func:`confadapt_length`), and always at
 least the first token (the ordinary next-token prediction). No verifier: it is lossy, and
 ``threshold >= 1`` gives exactly one token per forward (the student's own greedy decoding).
+
+Lossless decoding (:class:`SelfSpecModel`): the student drafts k tokens per pass
+(:class:`MaskDrafter`, one factor per position) and a backbone verifies them with
+``cptoy.decoding.generate(..., strategy="self-spec")``: the output has exactly that backbone's
+law.
 """
 
 from __future__ import annotations
@@ -42,8 +47,11 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn as nn
 
-from cptoy._checks import check_positive_int
+from cptoy._checks import check_positive_int, check_prompt_ids
+from cptoy.data import TokenDataset
 from cptoy.model import GPT
+from cptoy.speculative import FactorQ, Proposal, sample_index
+from cptoy.verifierfree import decode_unverified
 
 __all__ = [
     "SelfDistilledMTP",
@@ -53,6 +61,8 @@ __all__ = [
     "confadapt_length",
     "confadapt_generate",
     "mtp_agreement",
+    "MaskDrafter",
+    "SelfSpecModel",
 ]
 
 
@@ -228,8 +238,6 @@ def distill(student: SelfDistilledMTP, teacher: GPT, ids, cfg: DistillConfig,
     (``requires_grad=False``, eval mode) and must be the starting model (the same config but
     V). Returns a history ``{"train": [records], "steps", "seconds"}``.
     """
-    from cptoy.data import TokenDataset
-
     if not isinstance(student, SelfDistilledMTP):
         raise TypeError(f"student must be a SelfDistilledMTP, got {type(student).__name__}")
     if not isinstance(teacher, GPT):
@@ -318,8 +326,6 @@ def mtp_agreement(student: SelfDistilledMTP, teacher: GPT, ids, num: int = 256,
     greedy tokens. Returns ``{"by_position": [k floats], "leading": mean length of the leading
     run of matches (0..k)}``: position 0 is the ordinary next token.
     """
-    from cptoy.data import TokenDataset
-
     check_positive_int(num, "num")
     k = student.k
     t = student.config.block_size - k if context is None else context
@@ -335,6 +341,75 @@ def mtp_agreement(student: SelfDistilledMTP, teacher: GPT, ids, num: int = 256,
     match = (ys == yt).float()
     return {"by_position": match.mean(0).tolist(),
             "leading": float(match.cumprod(1).sum(1).mean())}
+
+
+# ====================================================================== drafting for verification
+class MaskDrafter(nn.Module):
+    """The student as a drafter for lossless self-speculative decoding (``cptoy.speculative``).
+
+    One student pass over the text so far, then x_1 and k - 1 mask ids, gives k drafts: the
+    output at x_1 drafts d_2, the output at mask j drafts d_{j+2}. The drafts are drawn
+    independently from softmax(logits / T) per position (argmax at T = 0), so q is one factor
+    per position (:class:`cptoy.speculative.FactorQ`). The student keeps its own KV cache of the
+    decoder's output (:meth:`bind`), fed with the tokens added since its last pass.
+    """
+
+    routings = ("mixture",)
+    rank = 1
+
+    def __init__(self, student: SelfDistilledMTP):
+        super().__init__()
+        if not isinstance(student, SelfDistilledMTP):
+            raise TypeError(f"student must be a SelfDistilledMTP, got {type(student).__name__}")
+        self.student = student
+        self.vocab_size = student.vocab_size
+
+    def bind(self, prompt: list[int], tokens: list[int]) -> _BoundMaskDrafter:
+        """A drafter for one ``generate`` call: it reads ``prompt + tokens`` (the decoder's
+        lists, which only grow) at every proposal."""
+        return _BoundMaskDrafter(self.student, prompt, tokens)
+
+
+class _BoundMaskDrafter:
+    def __init__(self, student: SelfDistilledMTP, prompt: list[int], tokens: list[int]):
+        self.student, self.prompt, self.tokens = student, prompt, tokens
+        self.cache = student.model.new_cache(1)
+        self.fed = 0  # tokens of prompt + tokens in the student's cache
+
+    def propose(self, hidden, x1: int, k: int, temperature: float, generator=None,
+                routing: str = "mixture") -> Proposal:
+        st, V = self.student, self.student.vocab_size
+        if k > st.k:
+            raise ValueError(f"the student drafts at most k = {st.k} tokens, {k} asked")
+        text = self.prompt + self.tokens  # ends with x1
+        new = text[self.fed:]
+        dev = next(st.model.parameters()).device
+        inp = torch.tensor([new + st.mask_ids[: k - 1]], dtype=torch.long, device=dev)
+        H = st.model(inp, self.cache)  # (1, len(new) + k - 1, d)
+        z = st.model.logits(H[0, len(new) - 1:])[:, :V].double()  # (k, V): at x_1 and masks
+        self.cache.truncate(self.cache.length - (k - 1))  # forget the masks
+        self.fed = len(text)
+        if temperature == 0:
+            drafts = z.argmax(-1).tolist()
+            return Proposal(drafts, FactorQ(drafts, logits=z), gate_posterior=[1.0])
+        p = torch.softmax(z / temperature, dim=-1)  # (k, V) float64
+        _, drafts = sample_index(p, generator)
+        return Proposal(drafts, FactorQ(drafts, probs=p), gate_posterior=[1.0])
+
+
+class SelfSpecModel(nn.Module):
+    """What ``cptoy.decoding.generate(strategy="self-spec")`` needs to verify a student's drafts
+    with a backbone: ``backbone`` (the verifier, a GPT over the same V ids, e.g. the model the
+    student was distilled from), ``heads`` (a :class:`MaskDrafter`) and ``n_future = k + 1``."""
+
+    def __init__(self, student: SelfDistilledMTP, verifier: GPT):
+        super().__init__()
+        if not isinstance(verifier, GPT):
+            raise TypeError(f"verifier must be a cptoy.model.GPT, got {type(verifier).__name__}")
+        if verifier.config.vocab_size != student.vocab_size:
+            raise ValueError(f"verifier vocab {verifier.config.vocab_size} != the student's "
+                             f"{student.vocab_size}")
+        self.backbone, self.heads, self.n_future = verifier, MaskDrafter(student), student.k + 1
 
 
 # ====================================================================== ConfAdapt decoding
@@ -358,6 +433,27 @@ def confadapt_length(top_probs, threshold: float):
     return int(run) if p.dim() == 1 else run
 
 
+class _ConfAdaptRule:
+    """The rule of :func:`confadapt_generate` for ``cptoy.verifierfree.decode_unverified``: one
+    forward over the new tokens and kk - 1 masks, keep the confident prefix of kk outputs."""
+
+    def __init__(self, student: SelfDistilledMTP, k: int, threshold: float):
+        self.student, self.k, self.threshold = student, k, threshold
+
+    def forward(self, chunk: list[int], cache, room: int):
+        model, V = self.student.model, self.student.vocab_size
+        kk = min(self.k, room)
+        inp = torch.tensor([chunk + self.student.mask_ids[: kk - 1]], dtype=torch.long)
+        H = model(inp, cache)  # (1, len(chunk) + kk - 1, d)
+        z = model.logits(H[0, len(chunk) - 1:])[:, :V].float()  # (kk, V)
+        cache.truncate(cache.length - (kk - 1))  # forget the masks
+        return torch.softmax(z, dim=-1).max(-1)  # top-1 probabilities (kk,), tokens (kk,)
+
+    def choose(self, state, room: int) -> tuple[list[int], int]:
+        top, y = state
+        return y[: confadapt_length(top, self.threshold)].tolist(), len(y) - 1
+
+
 @torch.no_grad()
 def confadapt_generate(student: SelfDistilledMTP, prompt_ids, max_new_tokens: int,
                        threshold: float = 0.9, k: int | None = None,
@@ -369,11 +465,9 @@ def confadapt_generate(student: SelfDistilledMTP, prompt_ids, max_new_tokens: in
     the masks, emits :func:`confadapt_length` of them (capped at ``max_new_tokens``; cut after
     ``eos_id``), then rolls the cache back over the masks. ``k`` (default the student's) may be
     smaller; k = 1 is the student's plain greedy decoding. Needs ``len(prompt) +
-    max_new_tokens + k - 1 <= block_size``. Returns a ``cptoy.decoding.Generation``.
+    max_new_tokens + k - 1 <= block_size``. Returns a ``cptoy.decoding.Generation`` from
+    ``cptoy.verifierfree.decode_unverified``.
     """
-    from cptoy._checks import check_prompt_ids
-    from cptoy.decoding import Generation, GenerationStats
-
     if not isinstance(student, SelfDistilledMTP):
         raise TypeError(f"student must be a SelfDistilledMTP, got {type(student).__name__}")
     k = student.k if k is None else k
@@ -383,53 +477,11 @@ def confadapt_generate(student: SelfDistilledMTP, prompt_ids, max_new_tokens: in
             not math.isfinite(threshold):
         raise TypeError(f"threshold must be a finite number, got {threshold!r}")
     check_positive_int(max_new_tokens, "max_new_tokens")
-    model, V = student.model, student.vocab_size
-    prompt = check_prompt_ids(prompt_ids, V)
+    model = student.model
+    prompt = check_prompt_ids(prompt_ids, student.vocab_size)
     if len(prompt) + max_new_tokens + k - 1 > model.config.block_size:
         raise ValueError(f"prompt ({len(prompt)}) + max_new_tokens ({max_new_tokens}) + k - 1 "
                          f"({k - 1}) exceeds block_size {model.config.block_size}")
-    stats = GenerationStats(strategy="confadapt", temperature=0.0,
-                            attempted_by_position=[0] * (k - 1),
-                            accepted_by_position=[0] * (k - 1))
-    masks = student.mask_ids
-    was = student.training
-    student.eval()
-    t_start = time.perf_counter()
-    try:
-        cache = model.new_cache(1)
-        pending = prompt
-        tokens: list[int] = []
-        while len(tokens) < max_new_tokens and (eos_id is None or not tokens
-                                                or tokens[-1] != eos_id):
-            t0 = time.perf_counter()
-            kk = min(k, max_new_tokens - len(tokens))
-            inp = torch.tensor([pending + masks[: kk - 1]], dtype=torch.long)
-            H = model(inp, cache)  # (1, len(pending) + kk - 1, d)
-            z = model.logits(H[0, len(pending) - 1:])[:, :V].float()  # (kk, V)
-            cache.truncate(cache.length - (kk - 1))  # forget the masks
-            p = torch.softmax(z, dim=-1)
-            top, y = p.max(-1)  # (kk,), (kk,)
-            n = confadapt_length(top, threshold)
-            emitted = y[:n].tolist()
-            if eos_id is not None and eos_id in emitted:
-                emitted = emitted[: emitted.index(eos_id) + 1]
-            t1 = time.perf_counter()
-            if tokens:
-                stats.verify_time += t1 - t0
-            else:
-                stats.prefill_time += t1 - t0
-            tokens.extend(emitted)
-            stats.arrival.extend(["first"] + ["mtp"] * (len(emitted) - 1))
-            stats.forward_passes += 1
-            stats.gained_per_forward.append(len(emitted))
-            if kk > 1:
-                stats.drafted_per_step.append(kk - 1)
-                stats.accepted_per_step.append(len(emitted) - 1)
-                for j in range(kk - 1):
-                    stats.attempted_by_position[j] += 1
-                    stats.accepted_by_position[j] += int(j < len(emitted) - 1)
-            pending = emitted
-    finally:
-        student.train(was)
-    stats.wall_time = time.perf_counter() - t_start
-    return Generation(tokens=tokens, stats=stats)
+    return decode_unverified(student, model, prompt, max_new_tokens,
+                             _ConfAdaptRule(student, k, threshold), "confadapt", 0.0, k - 1,
+                             eos_id)

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from cptoy._checks import check_nonneg_number, check_positive_int
+from cptoy.data import TokenDataset, tokenizer_from_dict
 from cptoy.heads import MTPModel
 
 __all__ = [
@@ -255,8 +256,6 @@ def train(
     "tokens_per_s", "device", "config"}``; a record holds ``step``, ``tokens``, ``seconds``, ``lr``
     and the losses (validation records: the output of :func:`evaluate_loss`).
     """
-    from cptoy.data import TokenDataset
-
     if not isinstance(model, torch.nn.Module) or not hasattr(model, "n_future"):
         raise TypeError(f"model must be an MTPModel, got {type(model).__name__}")
     if not isinstance(cfg, TrainConfig):
@@ -424,8 +423,6 @@ def load_checkpoint(path) -> Checkpoint:
     model.eval()
     tok = None
     if ckpt.get("tokenizer") is not None:
-        from cptoy.data import tokenizer_from_dict
-
         try:
             tok = tokenizer_from_dict(ckpt["tokenizer"])
         except (ValueError, TypeError, KeyError) as exc:

@@ -7,7 +7,10 @@ the token ids that were forwarded (the "keys and values"), so a test can check w
 holds after a rollback. Everything is float64, so the decoder's p equals the table's softmax
 exactly.
 
-Heads with the ``draft`` interface:
+Heads implement the drafting protocol of ``cptoy.speculative`` (``propose``, through
+:class:`CPDrafter`: ancestral draws from the CP that ``draft`` returns, q its mixture
+conditionals; the path ``cptoy.clp.ArchitectHeads`` takes too) and the batched ``draft`` that
+``cptoy.evaluate`` reads:
 - ``RandomCPHeads``: a random rank-r CP per state ("bad" heads, low acceptance).
 - ``ChainHeads``: the exact joint of the next tokens under the trigram chain, written as a CP
   (one expert per path of intermediate tokens) - "good" heads, everything accepted at T = 1.
@@ -23,6 +26,7 @@ import torch
 import torch.nn as nn
 
 from cptoy.cp import CPDist
+from cptoy.speculative import Proposal, propose_from_cp
 
 
 @dataclass
@@ -125,7 +129,20 @@ def _state_of(hidden: torch.Tensor) -> torch.Tensor:
     return hidden.argmax(-1)  # one-hot -> state id
 
 
-class RandomCPHeads(nn.Module):
+class CPDrafter(nn.Module):
+    """``propose`` for heads whose ``draft(h (B, d), x1 (B,), T, n_draft) -> CPDist`` gives the
+    CP of the drafted positions: :func:`cptoy.speculative.propose_from_cp` of it."""
+
+    routings = ("mixture",)
+
+    def propose(self, hidden, x1: int, k: int, temperature: float, generator=None,
+                routing: str = "mixture") -> Proposal:
+        first = torch.tensor([x1], dtype=torch.long, device=hidden.device)
+        dist = self.draft(hidden, first, temperature if temperature > 0 else 1.0, n_draft=k)
+        return propose_from_cp(dist[0], k, temperature, generator)
+
+
+class RandomCPHeads(CPDrafter):
     """A random rank-r CP over n tokens per state; draft = temper, then condition on x1."""
 
     def __init__(self, backbone: TrigramBackbone, n_future: int, rank: int, seed: int = 1,
@@ -144,12 +161,12 @@ class RandomCPHeads(nn.Module):
         return CPDist.from_logits(self.gate[s], self.factor[s])  # batch (...)
 
     def draft(self, hidden_last: torch.Tensor, first_tokens: torch.Tensor,
-              temperature: float) -> CPDist:
+              temperature: float, n_draft: int | None = None) -> CPDist:
         self.draft_calls += 1
         return self(hidden_last).tempered(temperature).condition(first_tokens[:, None])
 
 
-class ChainHeads(nn.Module):
+class ChainHeads(CPDrafter):
     """The exact trigram joint of the next n tokens as a CP: one expert per path x_1..x_{n-1}
     (point masses), the last position the true conditional. ``draft`` uses the chain of
     softmax(table / T), so q equals p at every position and every draft is accepted."""
@@ -186,7 +203,7 @@ class ChainHeads(nn.Module):
         lf = torch.stack([d.log_factors for d in ds])
         return CPDist(lw, lf.reshape(hidden.shape[:-1] + lf.shape[1:]))
 
-    def draft(self, hidden_last, first_tokens, temperature):
+    def draft(self, hidden_last, first_tokens, temperature, n_draft=None):
         ds = [self._chain(int(s), self.n_future - 1, temperature, int(f))
               for s, f in zip(_state_of(hidden_last), first_tokens, strict=True)]
         return CPDist(torch.stack([d.log_weights for d in ds]),
@@ -200,7 +217,7 @@ class GreedyChainHeads(RandomCPHeads):
         super().__init__(backbone, n_future, rank=1)
         self.backbone = backbone
 
-    def draft(self, hidden_last, first_tokens, temperature):
+    def draft(self, hidden_last, first_tokens, temperature, n_draft=None):
         V = self.backbone.config.vocab_size
         lfs = []
         for s, f in zip(_state_of(hidden_last), first_tokens, strict=True):
@@ -237,7 +254,7 @@ def make_fake(kind: str = "random", V: int = 3, n: int = 3, rank: int = 2, seed:
 
 
 # ---------------------------------------------------------------------------- for a real GPT
-class LinearCPHeads(nn.Module):
+class LinearCPHeads(CPDrafter):
     """Random linear CP heads on any backbone's hidden states (a stand-in for cptoy.heads)."""
 
     def __init__(self, d_model: int, vocab_size: int, n_future: int, rank: int, seed: int = 0,
@@ -254,7 +271,7 @@ class LinearCPHeads(nn.Module):
         fl = (hidden @ self.w_factor).reshape(lead + (self.n_future, self.rank, self.vocab_size))
         return CPDist.from_logits(hidden @ self.w_gate, fl)
 
-    def draft(self, hidden_last, first_tokens, temperature):
+    def draft(self, hidden_last, first_tokens, temperature, n_draft=None):
         return self(hidden_last).tempered(temperature).condition(first_tokens[:, None])
 
 
@@ -270,7 +287,7 @@ class OracleGreedyHeads(LinearCPHeads):
         with torch.no_grad():
             self.ref_hidden = backbone(torch.tensor([self.reference]))[0]  # (L, d)
 
-    def draft(self, hidden_last, first_tokens, temperature):
+    def draft(self, hidden_last, first_tokens, temperature, n_draft=None):
         V = self.vocab_size
         i = int((self.ref_hidden - hidden_last[0]).norm(dim=-1).argmin())
         assert int(first_tokens[0]) == self.reference[i + 1], "x1 is not the greedy token"

@@ -256,14 +256,6 @@ def test_head_first_needs_a_first_head_and_uses_it():
         verifier_free_generate(mtp, [1, 2], 5, "clp")
 
 
-def test_architect_heads_are_lossless_under_self_spec():
-    m = _clp_model()
-    for prompt in ([1, 2, 3], [7, 7, 0, 1, 9]):
-        ar = generate(m, prompt, 25, temperature=0).tokens
-        ss = generate(m, prompt, 25, temperature=0, strategy="self-spec")
-        assert ss.tokens == ar
-
-
 def test_prefix_agreement_and_compare_decoders():
     assert prefix_agreement([1, 2, 3, 4], [1, 2, 9, 4]) == 0.5
     assert prefix_agreement([1, 2], [1, 2, 3, 4]) == 0.5
@@ -277,8 +269,8 @@ def test_prefix_agreement_and_compare_decoders():
     ]
     rows = compare_decoders(decs, prompts, 12, warmup=False)
     r = {x.method: x for x in rows}
-    assert r["AR"].agreement == 1.0 and r["AR"].speedup == 1.0 and r["AR"].exact == 1.0
     assert r["none"].exact == 1.0 and r["none"].tokens_per_forward == 1.0
+    assert r["none"].agreement == 1.0 and r["all"].agreement < 1.0  # "all" keeps wrong drafts
     assert r["all"].tokens_per_forward == 24 / 6
     assert r["all"].label == "lossy, verifier-free" and r["AR"].label == "lossless (reference)"
     with pytest.raises(ValueError, match="kind"):

@@ -16,8 +16,10 @@ import pytest
 import torch
 from fakes import FakeMTP, LinearCPHeads, OracleGreedyHeads, TrigramBackbone, make_fake
 from scipy.stats import chisquare
+from stats import exact_ar, generate_pvalue
 
 import cptoy.decoding as decoding
+import cptoy.speculative as speculative
 from cptoy.decoding import Generation, generate, lookup_drafts
 
 STRATS = ("ar", "self-spec", "lookup")
@@ -34,7 +36,7 @@ def _check_stats(g: Generation, model, prompt, max_new, eos_id=None):
     assert all(0 <= a <= d for a, d in zip(s.accepted_per_step, s.drafted_per_step, strict=True))
     assert len(s.arrival) == len(toks)
     assert s.arrival[0] == "first"
-    assert set(s.arrival) <= {"first", "accepted", "replacement", "bonus"}
+    assert set(s.arrival) <= set(decoding.ARRIVALS) - {"draft"}  # verified: nothing unchecked
     assert s.arrival.count("accepted") == sum(s.accepted_per_step)
     assert sum(s.accepted_by_position) == sum(s.accepted_per_step)
     assert all(0 <= a <= t for a, t in zip(s.accepted_by_position, s.attempted_by_position,
@@ -129,7 +131,7 @@ def test_cp_proposal_equals_cpdist_conditionals():
         dist = CPDist.from_logits(torch.randn(r, generator=g, dtype=torch.float64),
                                   3 * torch.randn(k, r, 7, generator=g, dtype=torch.float64))
         drafts = dist.sample(1, g)[0].tolist()
-        q = decoding._CPProposal(dist, drafts)
+        q = speculative.MixtureQ(dist, drafts)
         for j in range(k):
             sub = dist if j == 0 else dist.condition(torch.tensor(drafts[:j]))
             ref = sub.log_marginal(0).exp()
@@ -193,29 +195,7 @@ def test_greedy_acceptance_good_and_bad_heads():
 def _gof_pvalue(model, prompt, m, temperature, runs, **kw) -> float:
     """Chi-square goodness of fit of the first m generated tokens against exact AR sampling."""
     exact = model.backbone.exact_distribution(prompt, m, temperature)
-    counts = Counter(
-        tuple(generate(model, prompt, m, temperature=temperature, seed=s, **kw).tokens)
-        for s in range(runs)
-    )
-    assert sum(counts.values()) == runs
-    assert set(counts) <= {k for k, v in exact.items() if v > 0}
-    # cells with expected count < 5 are pooled into one
-    cells = sorted(exact, key=exact.get, reverse=True)
-    obs, exp, pool_o, pool_e = [], [], 0, 0.0
-    for c in cells:
-        e = runs * exact[c]
-        if e >= 5:
-            obs.append(counts.get(c, 0))
-            exp.append(e)
-        else:
-            pool_o += counts.get(c, 0)
-            pool_e += e
-    if pool_e > 0:
-        obs.append(pool_o)
-        exp.append(pool_e)
-    scale = sum(obs) / sum(exp)  # exact probabilities sum to 1 up to rounding
-    assert abs(scale - 1) < 1e-9
-    return float(chisquare(obs, [e * scale for e in exp]).pvalue)
+    return generate_pvalue(model, prompt, m, temperature, runs, exact, **kw)
 
 
 RUNS = 3000
@@ -252,11 +232,11 @@ def test_lookup_sampling_is_exact(dist_model):
 
 def test_goodness_of_fit_has_power(dist_model, monkeypatch):
     """Negative controls: a broken accept rule or a broken residual is caught by the same test."""
-    monkeypatch.setattr(decoding, "_accept", lambda p_d, q_d, u: True)  # always accept
+    monkeypatch.setattr(speculative, "accept", lambda p_d, q_d, u: True)  # always accept
     p = _gof_pvalue(dist_model, [0, 1], 4, 0.8, RUNS, strategy="self-spec")
     assert p < 1e-6, p
     monkeypatch.undo()
-    monkeypatch.setattr(decoding, "_residual", lambda p, q: p)  # replacement from p, not p - q
+    monkeypatch.setattr(speculative, "residual", lambda p, q: p)  # replacement from p, not p - q
     p = _gof_pvalue(dist_model, [0, 1], 4, 0.8, RUNS, strategy="self-spec")
     assert p < 1e-6, p
 
@@ -468,15 +448,7 @@ def _sampling_mtp(rank=3, V=4, seed=3):
 
 
 def _attach_exact(model, prompt, m, T):
-    V = model.config.vocab_size
-    seqs = list(itertools.product(range(V), repeat=m))
-    with torch.no_grad():
-        x = torch.tensor([prompt + list(s) for s in seqs])
-        lp = torch.log_softmax(model.backbone.logits(model.backbone(x)) / T, -1)  # (N, L, V)
-    P = len(prompt)
-    exact = {}
-    for i, s in enumerate(seqs):
-        exact[s] = math.exp(sum(float(lp[i, P - 1 + j, t]) for j, t in enumerate(s)))
+    exact = exact_ar(model.backbone, prompt, m, T)
     model.backbone.exact_distribution = lambda prompt_, m_, t_: exact
 
 

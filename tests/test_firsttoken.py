@@ -154,6 +154,30 @@ def test_checkpoint_round_trip(tmp_path, monkeypatch):
         FirstTokenModel.load(checkpoints.path("code_r1"))
 
 
+def test_heads_on_a_backbone_of_ones_own(tmp_path):
+    """Heads trained on any backbone save against it and load onto it (passed in, or named as
+    an MTP checkpoint beside the file); another backbone is refused."""
+    model = _model()
+    with torch.no_grad():
+        model.heads.weight.add_(0.01)
+    path = tmp_path / "mine_x1.pt"
+    model.save(path, metrics={"note": 2})  # no checkpoint name: the backbone is passed in
+    with pytest.raises(ValueError, match="names no backbone"):
+        FirstTokenModel.load(path)
+    back = FirstTokenModel.load(path, backbone=model.backbone)
+    assert back.backbone is model.backbone and back.metrics == {"note": 2}
+    assert torch.allclose(back.heads.weight, model.heads.weight.half().float())
+    via, _, metrics = checkpoints.load(str(path), backbone=model.backbone)
+    assert torch.equal(via.heads.weight, back.heads.weight) and metrics == {"note": 2}
+    other = _model(seed=1)
+    with pytest.raises(ValueError, match="another backbone"):
+        FirstTokenModel.load(path, backbone=other.backbone)
+    mtp = MTPModel(model.backbone, model.n_future, 1)  # its backbone as an MTP checkpoint
+    mtp.save(tmp_path / "mine.pt")
+    model.save(path, "mine")
+    assert torch.equal(FirstTokenModel.load(path).heads.weight, back.heads.weight)
+
+
 def test_bad_input_is_rejected():
     model = _model()
     h = torch.randn(2, model.config.n_embd)

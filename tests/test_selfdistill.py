@@ -11,6 +11,7 @@ from cptoy.model import GPT, GPTConfig
 from cptoy.selfdistill import (
     DistillConfig,
     SelfDistilledMTP,
+    SelfSpecModel,
     confadapt_generate,
     confadapt_length,
     distill,
@@ -131,6 +132,35 @@ def test_confadapt_threshold_one_is_greedy_decoding():
     assert confadapt_generate(st, [1, 2], 15, threshold=0.5, k=1).tokens == ar
     with pytest.raises(ValueError, match="block_size"):
         confadapt_generate(st, [1] * 30, 10, 0.9)
+
+
+def test_student_drafts_for_lossless_verification():
+    """The student's mask outputs as drafts, the base model as verifier: greedy output equals
+    the base model's; each step drafts k tokens from one student pass over the new tokens
+    (its own cache); the drafts are the student's one-pass argmaxes (checked uncached)."""
+    base = _gpt(seed=3)
+    st = SelfDistilledMTP(base, k=K)
+    with torch.no_grad():  # masks that carry some signal: drafts are sometimes right
+        st.model.wte.weight[V:] += 0.5 * torch.randn(K - 1, 16,
+                                                     generator=torch.Generator().manual_seed(1))
+    model = SelfSpecModel(st, base)
+    assert model.n_future == K + 1
+    for prompt in ([1, 2], [3, 3, 0, 6]):
+        ar = generate(base, prompt, 20, temperature=0).tokens
+        g = generate(model, prompt, 20, temperature=0, strategy="self-spec", record_steps=True)
+        assert g.tokens == ar
+        assert max(g.stats.drafted_per_step) == K
+        for r in g.steps:
+            if r.drafts:
+                ctx = torch.tensor([prompt + ar[: r.context_length - len(prompt) + 1]])
+                assert r.drafts == st.mtp_logits(ctx)[0, : len(r.drafts)].argmax(-1).tolist()
+                assert r.gate_prior == [1.0] and r.gates == [[1.0]] * len(r.drafts)
+    with pytest.raises(ValueError, match="vocab"):
+        SelfSpecModel(st, _gpt_v(V + 1))
+
+
+def _gpt_v(vocab: int) -> GPT:
+    return GPT(GPTConfig(vocab_size=vocab, block_size=40, n_layer=2, n_head=2, n_embd=16))
 
 
 # ---------------------------------------------------------------- distillation
