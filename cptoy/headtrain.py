@@ -35,6 +35,7 @@ import torch
 
 from cptoy._checks import check_positive_int
 from cptoy.features import FeatureCache
+from cptoy.persist import atomic_save, read_torch_file
 
 __all__ = ["HeadTrainConfig", "Batch", "OBJECTIVES", "shortlist_from_cache", "shortlist_from_counts",
            "token_counts", "sample_batch",
@@ -392,7 +393,6 @@ def save_heads(model, path, backbone_name: str, metrics: dict | None = None,
     """Write the heads only (half precision), their shortlist and metrics; the backbone is named
     (``backbone_name``, loaded with ``cptoy.pretrained.load``) and fingerprinted (its file's
     hash, checked on load), never copied."""
-    import os
 
     from cptoy.pretrained import fingerprint
 
@@ -411,14 +411,10 @@ def save_heads(model, path, backbone_name: str, metrics: dict | None = None,
         backbone=dict(name=backbone_name, fingerprint=fingerprint(source)),
         metrics=dict(metrics or {}), recipe=dict(recipe or {}),
     )
-    path = os.fspath(path)
-    os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
-    torch.save(ckpt, path + ".tmp")
-    os.replace(path + ".tmp", path)
+    atomic_save(ckpt, path)
 
 
 def is_heads_checkpoint(path) -> bool:
-    from cptoy.heads import read_torch_file
 
     try:
         ckpt = read_torch_file(path)
@@ -434,7 +430,6 @@ def load_heads(path, backbone=None):
     import os
 
     from cptoy import pretrained
-    from cptoy.heads import read_torch_file
 
     path = os.fspath(path)
     ckpt = read_torch_file(path)
