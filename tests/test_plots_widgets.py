@@ -215,13 +215,14 @@ def test_cp_explorer_method_and_slice_update(explorer, P):
 
 def test_cp_explorer_shows_callback_errors_in_the_panel(P, monkeypatch):
     import cptoy.widgets as widgets
+    import cptoy.widgets.joint_fits
 
     ex = widgets.cp_explorer(P, max_rank=2, methods=("em",), n_iter=20)
 
     def boom(*args, **kwargs):
         raise KeyError("slice exploded")
 
-    monkeypatch.setattr(widgets, "joint_slice", boom)
+    monkeypatch.setattr(cptoy.widgets.joint_fits, "joint_slice", boom)
     ex.rank_slider.value = 2  # must not raise
     assert "slice exploded" in ex.message.value and "⚠" in ex.message.value
     assert ex.status.startswith("⚠ KeyError")
