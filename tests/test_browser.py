@@ -766,21 +766,6 @@ def test_present_command_line_and_dashboard_file(capsys, tmp_path):
 
 
 
-def _fake_checkpoints(folder: Path) -> None:
-    """Random tiny byte-level models saved as code_r1.pt and code_r3.pt (not trained)."""
-    import torch
-
-    from cptoy.data import ByteTokenizer
-    from cptoy.heads import MTPModel
-    from cptoy.model import GPTConfig
-
-    torch.manual_seed(0)
-    for r in (1, 3):
-        model = MTPModel(GPTConfig.preset("tiny", vocab_size=256, block_size=96), n_future=3,
-                         rank=r)
-        model.save(folder / f"code_r{r}.pt", tokenizer=ByteTokenizer())
-
-
 def _run_cell(source: str, ns: dict):
     """Execute a cell's source in ``ns``; the value of its last line if that is an expression."""
     import ast
@@ -793,22 +778,28 @@ def _run_cell(source: str, ns: dict):
     return None
 
 
-@pytest.mark.parametrize("shipped", [False, True], ids=["no-checkpoints", "checkpoints"])
-def test_dashboard_builds_its_panels(tmp_path, monkeypatch, shipped):
-    """The dashboard's code, run here: a panel per "panel" cell, and per "checkpoint-panel" cell
-    once checkpoints ship (faked with random tiny models), a note before; no ⚠ anywhere."""
+def test_dashboard_builds_its_panels_on_the_small_models_and_waits_to_load_the_real_one(
+        monkeypatch):
+    """The dashboard's code, run here: one panel per "panel" cell, no ⚠ anywhere; the decoding
+    panels offer CP heads of two ranks and first-token heads; the real model is not loaded
+    until its button is pressed."""
     import IPython.display
 
-    import cptoy.checkpoints
-    from cptoy.present import DASHBOARD, demo_available
+    import cptoy.present
+    from cptoy.present import DASHBOARD, RealModelLoader
 
-    if shipped:
-        _fake_checkpoints(tmp_path)
-    monkeypatch.setattr(cptoy.checkpoints, "HERE", tmp_path)
-    assert demo_available("code") is shipped
+    loaded: list = []
+    real = cptoy.present.demo_models
+
+    def spy(corpus="code", **kw):
+        loaded.append(corpus)
+        return real(corpus, **kw)
+
+    monkeypatch.setattr(cptoy.present, "demo_models", spy)
     shown: list = []
     monkeypatch.setattr(IPython.display, "display", lambda *objs, **kw: shown.extend(objs))
     ns: dict = {}
+    loaders = []
     for cell in json.loads(DASHBOARD.read_text())["cells"]:
         if cell["cell_type"] != "code":
             continue
@@ -817,21 +808,55 @@ def test_dashboard_builds_its_panels(tmp_path, monkeypatch, shipped):
         value = _run_cell("".join(cell["source"]), ns)
         new = shown[before:] + ([value] if value is not None else [])
         panels = [x for x in new if hasattr(x, "widget") and hasattr(x, "figures")]
-        if "panel" in tags or ("checkpoint-panel" in tags and shipped):
+        if "panel" in tags:
             assert len(panels) == 1, (tags, new)
             assert "⚠" not in panels[0].status, panels[0].status
         else:
             assert panels == [], (tags, new)
-    if not shipped:
-        assert any("checkpoints ship" in getattr(x, "data", "") for x in shown)
+        loaders += [x for x in new if isinstance(x, RealModelLoader)]
+        if "loader" in tags:
+            assert len(loaders) == 1, (tags, new)
+    assert "smollm2" not in loaded and loaders[0].demo is None  # nothing heavy at start-up
+    assert list(ns["demo"].models) == ["rank 1", "rank 8", "first-token"]
+
+
+def test_real_model_loader_shows_its_panels_on_click_and_errors_in_place(monkeypatch):
+    """The button's callback (the real model faked by the small one: same code path)."""
+    import cptoy.present
+    from cptoy.present import real_model_loader
+
+    small = cptoy.present.demo_models("code", num_prompts=2, max_chars=20_000)
+    calls: list = []
+
+    def fake(corpus, **kw):
+        calls.append(corpus)
+        if len(calls) == 1:
+            raise RuntimeError("no GGUF file")
+        return small
+
+    monkeypatch.setattr(cptoy.present, "demo_models", fake)
+    loader = real_model_loader(max_new_tokens=12)
+    loader.button.click()  # fails: a message in place, the button can be pressed again
+    assert "⚠" in loader.message.value and "no GGUF file" in loader.message.value
+    assert not loader.button.disabled and loader.output.children == ()
+    loader.button.click()
+    assert calls == ["smollm2", "smollm2"]
+    assert loader.button.disabled and len(loader.output.children) == 2
+    explorer, stepper = loader.panels
+    assert list(explorer.model_dropdown.options) == list(small.models)
+    assert len(explorer.generation.tokens) == 12 and "⚠" not in explorer.status
+    assert stepper.model is small.models["rank 8"] and "⚠" not in stepper.status
+    assert "rank 1, rank 8, first-token" in loader.message.value
+    loader.load()  # loaded once
+    assert len(calls) == 2
 
 
 # ---------------------------------------------------------------------- Voilà lecture mode
-def _panel_cells(notebook: Path, with_checkpoints: bool) -> int:
-    """Code cells of the dashboard tagged "panel" (each displays one widget panel), plus those
-    tagged "checkpoint-panel" when the demo checkpoints ship."""
+def _panel_cells(notebook: Path) -> int:
+    """Code cells of the dashboard tagged "panel" (each displays one widget panel) or "loader"
+    (the button that loads the real model)."""
     tags = [c.get("metadata", {}).get("tags", []) for c in json.loads(notebook.read_text())["cells"]]
-    return sum("panel" in t or ("checkpoint-panel" in t and with_checkpoints) for t in tags)
+    return sum("panel" in t or "loader" in t for t in tags)
 
 
 @pytest.fixture(scope="module")
@@ -852,10 +877,7 @@ def voila(tmp_path_factory):
 
 @needs_browser
 def test_voila_lecture_dashboard_hides_code_renders_and_responds(page, voila, artifacts):
-    from cptoy.present import demo_available
-
-    shipped = demo_available("code")
-    expected = _panel_cells(voila.dashboard, with_checkpoints=shipped)
+    expected = _panel_cells(voila.dashboard)
     assert expected >= 2, "the dashboard should tag its widget cells with 'panel'"
     page.goto(voila.url + "/", wait_until="commit", timeout=SERVER_START_S * 1000)
     panels = page.locator(".jp-OutputArea-output:not(.jupyter-widgets .jp-OutputArea-output)"
@@ -873,7 +895,6 @@ def test_voila_lecture_dashboard_hides_code_renders_and_responds(page, voila, ar
         if len(line) > 12 and not line.startswith("#") and "<" not in line:
             assert line not in body, f"code is visible in Voilà: {line!r}"
     assert page.locator(".jp-InputArea-editor").count() == 0, "input cells are shown"
-    assert shipped or "checkpoints ship" in body, "no note on the missing decoding panels"
 
     for k in range(expected):
         node = panels.nth(k)

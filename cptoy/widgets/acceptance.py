@@ -22,7 +22,7 @@ from cptoy.widgets.base import (
     base_layout,
     cell,
     check_prompt_list,
-    check_temperature,
+    check_slider_temperature,
     check_tokenizer,
     control_layout,
     figure_widget,
@@ -219,7 +219,7 @@ def acceptance_explorer(
     prompts = check_prompt_list(prompts, V)
     check_positive_int(max_new_tokens, "max_new_tokens")
     check_positive_int(tf_positions, "tf_positions")
-    check_temperature(temperature)
+    check_slider_temperature(temperature)
     kmax = max(1, getattr(first, "n_future", 2) - 1)
     k0 = kmax if n_draft is None else check_positive_int(n_draft, "n_draft")
     if k0 > kmax:

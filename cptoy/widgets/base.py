@@ -348,8 +348,8 @@ def check_prompt_list(prompts, V: int) -> list[list[int]]:
     return out
 
 
-def check_temperature(temperature) -> float:
-    """A temperature in [0, 2] as a float; ValueError otherwise."""
+def check_slider_temperature(temperature) -> float:
+    """A temperature in [0, 2] (the panels' slider range) as a float; ValueError otherwise."""
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
             or not 0 <= temperature <= 2:
         raise ValueError(f"temperature must be a number in [0, 2], got {temperature!r}")

@@ -17,7 +17,7 @@ from cptoy.widgets.base import (
     base_layout,
     cell,
     check_prompt_list,
-    check_temperature,
+    check_slider_temperature,
     check_tokenizer,
     control_layout,
     figure_widget,
@@ -189,8 +189,7 @@ class SpeculativeStepper(Panel):
                     ann.text = f"d{j + 2} = '{tok_label(tok, d)}'<br>not reached"
 
         n_acc = sum(st.accepted)
-        drafter = ("one expert from the posterior gate" if self.routing_dropdown.value == "expert"
-                   else "CP mixture" if getattr(self.model, "rank", 1) > 1 else "rank-1 heads")
+        drafter = _drafter_name(self.model, self.routing_dropdown.value)
         final = ("" if st.final_token is None else
                  f", {st.final_kind} '{tok_label(tok, st.final_token)}'")
         self.say(f"step {i + 1} of {len(steps)}: x₁ = '{tok_label(tok, st.x1)}' "
@@ -198,6 +197,16 @@ class SpeculativeStepper(Panel):
                  f"{len(st.emitted)} tokens from this forward. Whole run (self-spec, "
                  f"q = {drafter}, {kmax} drafts per step, T={T:g}): "
                  f"{g.stats.tokens_per_step:.2f} tokens per step")
+
+
+def _drafter_name(model, routing: str) -> str:
+    """What drafts in ``model`` with ``routing``, in words (for the status line)."""
+    if "FirstToken" in type(getattr(model, "heads", None)).__name__:
+        return "first-token heads"
+    rank = getattr(model, "rank", 1)
+    if rank == 1:
+        return "CP rank 1"
+    return f"one expert of CP rank {rank}" if routing == "expert" else f"CP rank {rank} mixture"
 
 
 def speculative_stepper(
@@ -236,7 +245,7 @@ def speculative_stepper(
     check_positive_int(top, "top")
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"seed must be an int, got {type(seed).__name__}")
-    check_temperature(temperature)
+    check_slider_temperature(temperature)
     kmax = model.n_future - 1
     k = kmax if n_draft is None else check_positive_int(n_draft, "n_draft")
     if k > kmax:
