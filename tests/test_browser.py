@@ -42,7 +42,9 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--disable-dev-shm-usage"]
-VIEWPORT = {"width": 1400, "height": 1800}  # tall: a whole panel fits in one screenshot
+VIEWPORT = {"width": 1400, "height": 900}  # a laptop / projector screen
+MAX_PANEL_HEIGHT = 1000  # px: a panel fits one projector screen (1080 lines, less the browser)
+MIN_FONT_PX = 14  # no text in a panel is smaller
 
 SERVER_START_S = 90  # jupyter-lab / voila answering HTTP
 KERNEL_READY_S = 120  # notebook open and its kernel idle
@@ -314,7 +316,8 @@ JS_OPEN = """async (path) => {
   const panel = await app.commands.execute('docmanager:open', {path, factory: 'Notebook'});
   await panel.context.ready; await panel.sessionContext.ready;
   app.shell.activateById(panel.id);
-  app.shell.collapseLeft(); app.shell.collapseRight();  // the notebook gets the whole width
+  // JupyterLab's default layout, as a new user sees it: the file browser open on the left
+  app.shell.activateById('filebrowser'); app.shell.expandLeft(); app.shell.collapseRight();
   window.__nb = panel;
   window.__kernelErrors = [];
   panel.sessionContext.session.kernel.iopubMessage.connect((_, msg) => {
@@ -490,10 +493,19 @@ def open_and_run(page, lab, name: str) -> list[dict]:
 
 
 def screenshot(node, path: Path) -> None:
-    """Screenshot of one widget output, scrolled to the top of the notebook's view first."""
-    node.evaluate("n => n.scrollIntoView({block: 'start'})")
-    time.sleep(0.3)  # let plotly finish a resize triggered by the scroll
-    node.screenshot(path=str(path))
+    """Screenshot of one widget output, scrolled to the top of the notebook's view first (the
+    window made taller for it, as wide as before, so that a tall output is shot whole)."""
+    page = node.page
+    size = page.viewport_size
+    height = node.evaluate("n => n.getBoundingClientRect().height")
+    if height + 150 > size["height"]:
+        page.set_viewport_size({"width": size["width"], "height": int(height) + 200})
+    try:
+        node.evaluate("n => n.scrollIntoView({block: 'start'})")
+        time.sleep(0.3)  # let plotly finish a resize triggered by the scroll
+        node.screenshot(path=str(path))
+    finally:
+        page.set_viewport_size(size)
 
 
 # jupyter_server's own race, not our code: GET /api/kernels while a kernel is still starting
@@ -556,6 +568,51 @@ def assert_rendered(page, node, info: dict, where: str) -> None:
     # the figures show what the kernel holds (not the data they were built with)
     wait_for(lambda: same_figures(fingerprint(node), info["figures"]), RENDER_S,
              f"{where}: rendered figures to match the kernel's {info['kinds']}")
+
+
+JS_FITS = """node => {
+  // each cptoy panel under node: its size, elements wider than the output area (unless a
+  // scrolling box inside the panel holds them) and text under MIN px
+  const tag = el => el.tagName.toLowerCase() + (typeof el.className === 'string' && el.className
+    ? '.' + el.className.trim().split(/\\s+/).slice(0, 2).join('.') : '');
+  return Array.from(node.querySelectorAll('.cptoy-panel')).map(panel => {
+    const area = (panel.closest('.jp-OutputArea-output') || node).getBoundingClientRect();
+    const p = panel.getBoundingClientRect();
+    const res = {width: p.width, area: area.width, height: p.height, wide: [], small: []};
+    const scrolls = el => {
+      for (let a = el.parentElement; a && a !== panel; a = a.parentElement) {
+        const o = getComputedStyle(a).overflowX;
+        if (o === 'auto' || o === 'scroll') return true;
+      }
+      return false;
+    };
+    for (const el of [panel, ...panel.querySelectorAll('*')]) {
+      const r = el.getBoundingClientRect(), cs = getComputedStyle(el);
+      if (!r.width || !r.height || cs.display === 'none' || cs.visibility === 'hidden') continue;
+      if ((r.right > area.right + 1 || r.left < area.left - 1) && !scrolls(el))
+        res.wide.push(`${tag(el)} ${Math.round(r.left)}..${Math.round(r.right)} outside `
+                      + `${Math.round(area.left)}..${Math.round(area.right)}`);
+      const text = Array.from(el.childNodes).filter(n => n.nodeType === 3)
+        .map(n => n.textContent).join('').trim();
+      if (text && parseFloat(cs.fontSize) < MIN - 0.01)
+        res.small.push(`${tag(el)} ${cs.fontSize} ${JSON.stringify(text.slice(0, 30))}`);
+    }
+    return res;
+  });
+}""".replace("MIN", str(MIN_FONT_PX))
+
+
+def assert_fits(node, where: str) -> list[dict]:
+    """Every cptoy panel under ``node`` fits its output area (nothing wider, tables scroll),
+    fits one projector screen and has no text under MIN_FONT_PX; returns the measurements."""
+    time.sleep(0.5)  # let plotly finish a resize to the area's width
+    fits = node.evaluate(JS_FITS)
+    for k, f in enumerate(fits):
+        what = f"{where}: panel {k} ({f['width']:.0f} x {f['height']:.0f} px in {f['area']:.0f})"
+        assert not f["wide"], f"{what}: wider than the output area:\n" + "\n".join(f["wide"][:8])
+        assert not f["small"], f"{what}: text under {MIN_FONT_PX} px:\n" + "\n".join(f["small"][:8])
+        assert f["height"] <= MAX_PANEL_HEIGHT, f"{what}: taller than {MAX_PANEL_HEIGHT} px"
+    return fits
 
 
 def settle(page, node, model_id: str, where: str) -> dict:
@@ -638,8 +695,10 @@ def test_notebook_runs_and_its_widgets_render_and_respond(page, lab, artifacts, 
         w = f"{where} widget {o['widget']} (cell {o['cell']})"
         node = page.locator(f'[data-cptoy-widget="{o["widget"]}"]')
         assert_rendered(page, node, info, w)
+        assert_fits(node, w)
         screenshot(node, artifacts / f"{notebook.stem}_widget{o['widget']}.png")
         exercise_controls(page, node, o["model_id"], info, w)
+        assert_fits(node, w + " (after moves)")
         screenshot(node, artifacts / f"{notebook.stem}_widget{o['widget']}_moved.png")
     # the interactions left no error behind either
     assert_no_errors(page, page.evaluate(JS_OUTPUTS), lab, log_start, where + " (after moves)")
@@ -740,6 +799,102 @@ def test_bad_input_shows_a_clear_state_or_message_never_a_traceback(page, lab, a
     info = settle(page, node, o_ew["model_id"], "good text")
     assert all(any(s > 0 for t in f for _, s in t) for f in info["figures"]), info["figures"]
     assert_no_errors(page, page.evaluate(JS_OUTPUTS), lab, log_start, name + " (after input)")
+
+
+# ---------------------------------------------------------------------- layout and load
+SNIPPET = ("def mean(xs):\n    if not xs:\n        raise ValueError('empty')\n"
+           "    total = 0\n    for x in xs:\n        total += x\n    return total / len(xs)\n")
+
+PANELS_NOTEBOOK = {  # every panel on the shipped small models, as the dashboard shows them
+    "cells": [
+        _code_cell("import torch\n"
+                   "from cptoy.joint import text_joint\n"
+                   "from cptoy.plots import stdlib_code\n"
+                   "from cptoy.present import demo_models\n"
+                   "from cptoy.widgets import (acceptance_explorer, cp_explorer, expert_weights,"
+                   " speculative_stepper)\n"
+                   "torch.manual_seed(0)\n"
+                   "demo = demo_models('code', num_prompts=2, max_chars=20_000)\n"
+                   "best = demo.models['rank 8']"),
+        _code_cell("raise_ = text_joint(stdlib_code(), 'raise ', n=3, top_k=12)\n"
+                   "cp_explorer(raise_.P, labels=raise_.labels(), max_rank=4, n_iter=60, seed=0)"),
+        _code_cell(f"expert_weights(best, demo.tokenizer, text={SNIPPET!r})"),
+        _code_cell("acceptance_explorer(demo.models, demo.tokenizer, demo.prompts,"
+                   " heldout_ids=demo.heldout, max_new_tokens=32, tf_positions=64)"),
+        _code_cell("speculative_stepper(best, demo.tokenizer, demo.prompts[0], max_new_tokens=24)"),
+    ],
+    "metadata": ROBUSTNESS_NOTEBOOK["metadata"],
+    "nbformat": 4, "nbformat_minor": 4,
+}
+
+
+@needs_browser
+def test_panels_fit_jupyterlab_default_layout_render_and_respond(page, lab, artifacts):
+    """At 1400 x 900 with the file browser open: every panel is drawn with the kernel's data,
+    no element is wider than its output area, the panel fits one screen, no text under 14 px;
+    every slider and dropdown changes the panel, and it still fits afterwards."""
+    name = "_panels.ipynb"
+    (lab.nbdir / name).write_text(json.dumps(PANELS_NOTEBOOK))
+    log_start = len(lab.log_text())
+    outputs = open_and_run(page, lab, name)
+    assert_no_errors(page, outputs, lab, log_start, name)
+    widgets = [o for o in outputs if "model_id" in o]
+    assert len(widgets) == 4, outputs
+    area = page.locator(".jp-NotebookPanel .jp-OutputArea-output").first.bounding_box()
+    assert area["width"] < 1100, f"the sidebar is not open: output area {area}"
+    for o, info in zip(widgets, probe(page, [o["model_id"] for o in widgets]), strict=True):
+        where = f"{name} panel {o['widget']}"
+        node = page.locator(f'[data-cptoy-widget="{o["widget"]}"]')
+        assert_rendered(page, node, info, where)
+        screenshot(node, artifacts / f"layout_panel{o['widget']}.png")
+        assert_fits(node, where)
+        exercise_controls(page, node, o["model_id"], info, where)
+        assert_fits(node, where + " (after moves)")
+    assert_no_errors(page, page.evaluate(JS_OUTPUTS), lab, log_start, name + " (after moves)")
+
+
+class CPUHog:
+    """Processes spinning on every core (a busy lecture laptop), stopped by process id."""
+
+    def __init__(self, n: int = 2):
+        self.procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"])
+                      for _ in range(n)]
+
+    def stop(self) -> None:
+        for p in self.procs:
+            p.kill()
+            p.wait(timeout=10)
+
+
+@needs_browser
+def test_panels_initialise_and_respond_beside_a_cpu_hog(page, lab, artifacts):
+    """Two processes spinning on both cores while the notebook runs: every figure still
+    initialises (no "[anywidget] Failed to initialize model"), shows the kernel's data and
+    follows a slider."""
+    name = "_busy.ipynb"
+    (lab.nbdir / name).write_text(json.dumps(ROBUSTNESS_NOTEBOOK))
+    hog = CPUHog(2)
+    try:
+        log_start = len(lab.log_text())
+        outputs = open_and_run(page, lab, name)
+        assert_no_errors(page, outputs, lab, log_start, name)
+        widgets = [o for o in outputs if "model_id" in o]
+        for o, info in zip(widgets, probe(page, [o["model_id"] for o in widgets]), strict=True):
+            where = f"{name} panel {o['widget']} (busy machine)"
+            node = page.locator(f'[data-cptoy-widget="{o["widget"]}"]')
+            assert_rendered(page, node, info, where)
+            figs = fingerprint(node)
+            sl = info["sliders"][0]
+            press_slider(page, node.locator(".widget-slider").first,
+                         "ArrowRight" if sl["value"] < sl["max"] else "ArrowLeft", where)
+            wait_for(lambda n=node, f=figs: not same_figures(fingerprint(n), f), CHANGE_S,
+                     f"{where}: the slider to change the figure")
+            settle(page, node, o["model_id"], where)
+            screenshot(node, artifacts / f"busy_panel{o['widget']}.png")
+    finally:
+        hog.stop()
+    failed = [m for m in page.cptoy_log.console_errors if "Failed to initialize" in m]
+    assert not failed, failed
 
 
 # ---------------------------------------------------------------------- lecture dashboard code

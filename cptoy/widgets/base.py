@@ -58,7 +58,7 @@ def message_html(text: str, kind: str = "info") -> str:
     """HTML for a panel's status line; ``kind`` is "info" or "error"."""
     color = {"info": "#333", "error": "#b00020"}[kind]
     prefix = "⚠ " if kind == "error" else ""
-    return (f'<div style="font-size:{FONT_SIZE + 2}px; color:{color}; padding:4px 0; '
+    return (f'<div style="font-size:{FONT_SIZE + 2}px; color:{color}; padding:2px 0; line-height:1.35; '
             f'white-space:normal">{prefix}{html.escape(text)}</div>')
 
 
@@ -111,7 +111,7 @@ def control_layout(width: str):
     """Layout of a control: ``width`` when there is room, never wider than the area."""
     import ipywidgets as w
 
-    return w.Layout(width=width, max_width="100%")
+    return w.Layout(width=width, max_width="calc(100% - 4px)")  # ipywidgets' 2 px margins
 
 
 def cell(widget, basis: str = "420px", grow: int = 1):
@@ -311,7 +311,7 @@ def span(text: str, bg: str | None = None, style: str = "") -> str:
 def text_box(spans: list[str], max_height: int = 200) -> str:
     """A bordered monospace box of token spans, scrolling beyond ``max_height`` px."""
     return ('<div style="font-family:monospace; white-space:pre-wrap; overflow-wrap:anywhere; '
-            f'font-size:{FONT_SIZE}px; line-height:1.5; border:1px solid #ccc; padding:6px; '
+            f'font-size:{FONT_SIZE}px; line-height:1.35; border:1px solid #ccc; padding:4px 6px; '
             f'max-height:{max_height}px; overflow-y:auto">' + "".join(spans) + "</div>")
 
 

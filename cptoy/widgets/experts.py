@@ -40,6 +40,11 @@ _MAX_TICKS = 32  # at most this many token labels on the heatmaps' position axis
 MAX_ROWS = 4  # the experts table lists this many experts, those the gate weighs most
 
 
+def _sub(k: int) -> str:
+    """``k`` in subscript digits (an HTML <sub> would be under 14 px)."""
+    return "".join("₀₁₂₃₄₅₆₇₈₉"[int(c)] for c in str(k))
+
+
 @dataclass
 class ExpertWeights(Panel):
     """The panel returned by :func:`expert_weights`; display it by ending a cell with it.
@@ -237,7 +242,7 @@ class ExpertWeights(Panel):
         self.text_view.value = (
             f'<div style="font-size:{FONT_SIZE}px">position t = {t} (boxed): the heads at t '
             f'predict the next {n} tokens; the actual ones are '
-            + span(" green ", _TRUE_BG) + "</div>" + text_box(spans, max_height=96))
+            + span(" green ", _TRUE_BG) + "</div>" + text_box(spans, max_height=76))
 
         # --- each expert's top-k tokens per future position
         self.experts_view.value = self._experts_table(t, true_next)
@@ -271,14 +276,14 @@ class ExpertWeights(Panel):
         weight = wp if has_next else w  # (r,) the rows: the experts it weighs most
         shown = sorted(range(r), key=lambda a: (-float(weight[a]), a))[:MAX_ROWS]
         best = shown[0]
-        cell = "padding:3px 6px; border:1px solid #ccc; vertical-align:top;"
+        cell = "padding:1px 5px; border:1px solid #ccc; vertical-align:top;"
         head = (f'<th style="{cell}">expert a</th><th style="{cell}">w</th>'
-                + (f'<th style="{cell}">w′ | x<sub>t+1</sub></th>' if has_next else ""))
+                + (f'<th style="{cell}">w′ | xₜ₊₁</th>' if has_next else ""))
         for s in range(n):
             true = (f"<br><span style='background:{_TRUE_BG}'>"
                     f"{html.escape(tok_label(tok, true_next[s]))}</span>"
                     if s < len(true_next) else "")
-            head += f'<th style="{cell}">q(x<sub>t+{s + 1}</sub> | a){true}</th>'
+            head += f'<th style="{cell}">q(xₜ₊{_sub(s + 1)} | a){true}</th>'
         rows = []
         for a in shown:
             style = "font-weight:bold; background:#fffde7;" if a == best and r > 1 else ""
@@ -296,11 +301,10 @@ class ExpertWeights(Panel):
                                  "</span></span>")
                 tds += f'<td style="{cell} font-family:monospace">' + " ".join(items) + "</td>"
             rows.append(f'<tr style="{style}">{tds}</tr>')
-        which = "all" if len(shown) == r else f"the {len(shown)} of {r} weighed most"
-        caption = (f"experts ({which}): top {k} tokens per future position at t = {t}; bold: "
-                   "the expert the gate favours, green: the actual token")
-        return (f'<div style="font-size:{FONT_SIZE}px; max-width:100%; overflow-x:auto">'
-                f'<div style="padding:2px 0">{html.escape(caption)}</div>'
+        which = "all experts" if len(shown) == r else f"the {len(shown)} of {r} experts weighed most"
+        caption = f"top {k} tokens of {which} at t = {t} (green: the actual token)"
+        return (f'<div style="font-size:{FONT_SIZE}px; line-height:1.35; max-width:100%; '
+                f'overflow-x:auto"><div style="padding:2px 0">{html.escape(caption)}</div>'
                 '<table style="border-collapse:collapse; width:100%">'
                 f'<tr>{head}</tr>{"".join(rows)}</table></div>')
 
@@ -353,16 +357,16 @@ def expert_weights(
 
     box = w.Textarea(value=text, continuous_update=False, rows=2,
                      description="text", placeholder="type code or text here",
-                     layout=w.Layout(width="100%"), style={"description_width": "60px"})
+                     layout=w.Layout(width="auto"), style={"description_width": "60px"})
     slider = w.IntSlider(value=0, min=0, max=1, step=1, description="position t",
-                         continuous_update=True, layout=w.Layout(width="100%"),
+                         continuous_update=True, layout=w.Layout(width="auto"),
                          style={"description_width": "90px"})
     message = w.HTML(message_html("reading the text…"))
     text_view, experts_view = w.HTML(), w.HTML()
 
     # --- heatmaps: prior gate and posterior gate, experts x positions; token labels below
     band = max(48, 12 * r)  # px per heatmap
-    height = 190 + 2 * band
+    height = 170 + 2 * band
     fig = make_subplots(rows=2, cols=1, shared_xaxes=True,
                         vertical_spacing=40 / (height - 150),
                         subplot_titles=("gate w_t (before the next token)",
@@ -378,7 +382,7 @@ def expert_weights(
         fig.add_trace(go.Scatter(x=[], y=[], mode="lines", line=dict(color="#d62728", width=3),
                                  hoverinfo="skip", showlegend=False), row=k + 1, col=1)
     fig.update_layout(**base_layout(height))
-    fig.update_layout(margin=dict(l=70, r=20, t=40, b=110))
+    fig.update_layout(margin=dict(l=70, r=20, t=36, b=100))
     gate_fig = figure_widget(fig)
 
     # --- bars at the selected position

@@ -263,8 +263,8 @@ def speculative_stepper(
     step_sl = w.IntSlider(value=0, min=0, max=0, description="step", style=sty,
                           layout=control_layout("420px"))
     temp = w.FloatSlider(value=float(temperature), min=0.0, max=2.0, step=0.05,
-                         description="temperature", continuous_update=False, style=sty,
-                         layout=control_layout("360px"))
+                         description="temperature", continuous_update=False,
+                         style={"description_width": "120px"}, layout=control_layout("380px"))
     seed_box = w.IntText(value=seed, description="seed", style=sty,
                          layout=control_layout("200px"))
     routing_dd = w.Dropdown(options=[("CP mixture", "mixture"), ("one expert", "expert")],
@@ -285,7 +285,7 @@ def speculative_stepper(
                       margin=dict(l=70, r=20, t=70, b=110), legend=legend_below(280, 70, 110))
     gate_fig = figure_widget(fig)
 
-    height, tmargin, bmargin = 150 + 30 * top, 100, 110  # px; 30 px per token row
+    height, tmargin, bmargin = 150 + 34 * top, 100, 100  # px; 34 px per token row
     fig = make_subplots(rows=1, cols=k, subplot_titles=[f"d{j + 2}" for j in range(k)],
                         horizontal_spacing=0.12 if k > 1 else 0.0)
     for j in range(k):
@@ -296,7 +296,8 @@ def speculative_stepper(
                              marker_color=Q_COLOR, marker_line_color="black",
                              showlegend=j == 0, legendgroup="q"), row=1, col=j + 1)
         fig.update_xaxes(range=[0, 1.05], nticks=3, row=1, col=j + 1)
-        fig.update_yaxes(autorange="reversed", row=1, col=j + 1)  # the most likely on top
+        fig.update_yaxes(autorange="reversed", tickangle=0, automargin=True,
+                         row=1, col=j + 1)  # the most likely on top, labels level
     fig.update_layout(**base_layout(height))
     fig.update_layout(barmode="group", margin=dict(l=90, r=20, t=tmargin, b=bmargin),
                       legend=legend_below(height, tmargin, bmargin, gap=40))
