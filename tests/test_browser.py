@@ -853,6 +853,20 @@ def test_panels_fit_jupyterlab_default_layout_render_and_respond(page, lab, arti
     assert_no_errors(page, page.evaluate(JS_OUTPUTS), lab, log_start, name + " (after moves)")
 
 
+SLOW_BUNDLE_MS = 3000  # how late plotly's bundle becomes ready on the busy page
+
+# What a busy machine does to the page, made certain: plotly's front-end bundle becomes ready
+# SLOW_BUNDLE_MS after it loaded, later than anywidget's 2 s deadline for a model to initialise
+# (cptoy.widgets.base compiles it once per page and keeps the promise under this key).
+JS_SLOW_BUNDLE = """(() => {
+  const key = "__cptoy_plotly_widget_VERSION";
+  let slow;
+  Object.defineProperty(globalThis, key, {configurable: true,
+    get() { return slow; },
+    set(p) { slow = p && p.then(m => new Promise(ok => setTimeout(() => ok(m), MS))); }});
+})();""".replace("MS", str(SLOW_BUNDLE_MS))
+
+
 class CPUHog:
     """Processes spinning on every core (a busy lecture laptop), stopped by process id."""
 
@@ -868,11 +882,14 @@ class CPUHog:
 
 @needs_browser
 def test_panels_initialise_and_respond_beside_a_cpu_hog(page, lab, artifacts):
-    """Two processes spinning on both cores while the notebook runs: every figure still
-    initialises (no "[anywidget] Failed to initialize model"), shows the kernel's data and
-    follows a slider."""
+    """Two processes spinning on both cores while the notebook runs, and plotly's bundle ready
+    only after anywidget's deadline: every figure still initialises (no "[anywidget] Failed to
+    initialize model"), shows the kernel's data and follows a slider."""
     name = "_busy.ipynb"
     (lab.nbdir / name).write_text(json.dumps(ROBUSTNESS_NOTEBOOK))
+    import plotly
+
+    page.add_init_script(JS_SLOW_BUNDLE.replace("VERSION", plotly.__version__))
     hog = CPUHog(2)
     try:
         log_start = len(lab.log_text())
