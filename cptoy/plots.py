@@ -292,12 +292,12 @@ def plot_joint_comparison(
 
     vmax = float(max(Sp.max(), Sq.max()))
     with rc_context(STYLE):
-        fig = Figure(figsize=(MAX_WIDTH, 4.0), layout="constrained")
+        fig = Figure(figsize=(MAX_WIDTH, 4.4), layout="constrained")
         axs = fig.subplots(1, 3)
-        _heatmap(axs[0], Sp, labels, titles[0], vmax=vmax, annotate=annotate, xlabel=xa, ylabel=ya)
-        _heatmap(axs[1], Sq, labels, titles[1], vmax=vmax, annotate=annotate, xlabel=xa, ylabel=ya)
-        _heatmap(axs[2], Sp - Sq, labels, titles[2], signed=True, annotate=annotate, xlabel=xa,
-                 ylabel=ya)
+        _heatmap(axs[0], Sp, labels, titles[0], vmax=vmax, annotate=annotate, xlabel=xa, ylabel=ya,
+                 colorbar=False)  # P and Q share the colour bar beside Q
+        _heatmap(axs[1], Sq, labels, titles[1], vmax=vmax, annotate=annotate, xlabel=xa)
+        _heatmap(axs[2], Sp - Sq, labels, titles[2], signed=True, annotate=annotate, xlabel=xa)
         fig.suptitle(f"2-token slice: {ya}, {xa}{cond}")
     return fig
 
@@ -549,8 +549,8 @@ def _fig_hmm_rank1_vs_true(d: _FigureInputs):
     P = d.hmm_P
     R1 = product_of_marginals(P)
     fig = plot_joint_comparison(
-        P, R1, titles=("true joint P", "independent heads (rank 1)", "P - rank 1"))
-    fig.suptitle(f"HMM toy language (4 states, V=10): tokens 1, 2.  E[tokens/forward]: "
+        P, R1, titles=("true joint P", "rank 1\n(independent heads)", "P - rank 1"))
+    fig.suptitle(f"HMM toy language (4 states, V=10): tokens 1, 2\nE[tokens/forward] of "
                  f"rank 1 = {expected_tokens_per_forward(P, R1):.2f} of 3", fontsize=16)
     return fig
 
@@ -569,17 +569,18 @@ def _fig_code_joint_fits(d: _FigureInputs):
     cj, fits = d.code, d.code_fits
     labels = cj.labels()
     with rc_context(STYLE):
-        fig = Figure(figsize=(MAX_WIDTH, 4.0), layout="constrained")
+        fig = Figure(figsize=(MAX_WIDTH, 4.6), layout="constrained")
         axs = fig.subplots(1, 3)
         S = joint_slice(cj.P)
         vmax = float(S.max())
-        _heatmap(axs[0], S, labels, f"true P ({cj.count} occurrences)", vmax=vmax,
-                 xlabel="x2", ylabel="x1")
+        _heatmap(axs[0], S, labels, f"true P\n({cj.count} occurrences)", vmax=vmax,
+                 xlabel="x2", ylabel="x1", colorbar=False)
         for ax, r in zip(axs[1:], (1, 4), strict=True):
             E = expected_tokens_per_forward(cj.P, fits[r].dist)
-            _heatmap(ax, joint_slice(fits[r].dist), labels,
-                     f"rank {r}: KL {fits[r].kl:.2f}, E {E:.2f}", vmax=vmax, xlabel="x2",
-                     ylabel="x1")
+            im = _heatmap(ax, joint_slice(fits[r].dist), labels,
+                          f"rank {r}\nKL {fits[r].kl:.2f}, E {E:.2f}", vmax=vmax, xlabel="x2",
+                          colorbar=False)
+        fig.colorbar(im, ax=list(axs), shrink=0.8)  # one scale for all three
         fig.suptitle(f'stdlib code after "{d.ctx}": first two bytes (top 12 + <other>)')
     return fig
 
@@ -591,14 +592,16 @@ def _fig_code_conditioned(d: _FigureInputs):
     cj, fits, first = d.code, d.code_fits, d.first
     labels = cj.labels()
     with rc_context(STYLE):
-        fig = Figure(figsize=(MAX_WIDTH, 4.0), layout="constrained")
+        fig = Figure(figsize=(MAX_WIDTH, 4.6), layout="constrained")
         axs = fig.subplots(1, 3)
         Sp = joint_slice(cj.P, (0, 1), prefix=[first])
         vmax = float(Sp.max())
-        _heatmap(axs[0], Sp, labels, "true P(x2, x3 | x1)", vmax=vmax, xlabel="x3", ylabel="x2")
+        _heatmap(axs[0], Sp, labels, "true\nP(x2, x3 | x1)", vmax=vmax, xlabel="x3", ylabel="x2",
+                 colorbar=False)
         for ax, r in zip(axs[1:], (1, 4), strict=True):
-            _heatmap(ax, joint_slice(fits[r].dist, (0, 1), prefix=[first]), labels,
-                     f"rank {r}: Q(x2, x3 | x1)", vmax=vmax, xlabel="x3", ylabel="x2")
+            im = _heatmap(ax, joint_slice(fits[r].dist, (0, 1), prefix=[first]), labels,
+                          f"rank {r}\nQ(x2, x3 | x1)", vmax=vmax, xlabel="x3", colorbar=False)
+        fig.colorbar(im, ax=list(axs), shrink=0.8)  # one scale for all three
         fig.suptitle(f'after "{d.ctx}" and x1 = {labels[first]!r}: only rank > 1 can condition')
     return fig
 
@@ -685,7 +688,7 @@ def plot_joint_slices(
 
     k = len(slices)
     with rc_context(STYLE):
-        fig = Figure(figsize=(min(3.2 * k + 1.0, MAX_WIDTH), 4.0), layout="constrained")
+        fig = Figure(figsize=(min(3.2 * k + 1.0, MAX_WIDTH), 4.4), layout="constrained")
         axs = fig.subplots(1, k, squeeze=False)[0]
         for i, (name, S) in enumerate(slices.items()):
             im = _heatmap(axs[i], S, labels, name, vmax=vmax, annotate=annotate, xlabel=xa,
