@@ -126,6 +126,7 @@ def test_emptied_text_leaves_no_stale_token_labels(panel):
     panel.set_text("abc")
     assert list(panel.figures["gate"].layout.xaxis2.ticktext)[:3] == ["a", "b", "c"]
     panel.set_text("")
+    assert panel.figures["position"].layout.title.text == "gate at t"  # no stale token
     for ax in ("xaxis", "xaxis2"):
         assert list(panel.figures["gate"].layout[ax].ticktext or []) == []
         assert list(panel.figures["gate"].layout[ax].tickvals or []) == []

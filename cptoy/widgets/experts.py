@@ -101,6 +101,8 @@ class ExpertWeights(Panel):
         with fp.batch_update():
             for tr in fp.data:
                 tr.x, tr.y = [], []
+            fp.layout.title.text = "gate at t"
+            fp.layout.xaxis.tickvals = []
         self.text_view.value = ""
         self.experts_view.value = ""
         self.say(why, "error")
