@@ -695,8 +695,8 @@ def test_notebook_runs_and_its_widgets_render_and_respond(page, lab, artifacts, 
         w = f"{where} widget {o['widget']} (cell {o['cell']})"
         node = page.locator(f'[data-cptoy-widget="{o["widget"]}"]')
         assert_rendered(page, node, info, w)
-        assert_fits(node, w)
         screenshot(node, artifacts / f"{notebook.stem}_widget{o['widget']}.png")
+        assert_fits(node, w)
         exercise_controls(page, node, o["model_id"], info, w)
         assert_fits(node, w + " (after moves)")
         screenshot(node, artifacts / f"{notebook.stem}_widget{o['widget']}_moved.png")

@@ -38,6 +38,7 @@ _GATE_SCALE = "Blues"  # colour scale of the gate heatmaps (weights in [0, 1])
 _TRUE_BG = "#a5d6a7"  # background of the actual next tokens (in the text and the tables)
 _MAX_TICKS = 32  # at most this many token labels on the heatmaps' position axis
 MAX_ROWS = 4  # the experts table lists this many experts, those the gate weighs most
+TABLE_HEIGHT = 280  # px; the table scrolls beyond it (long tokens, large top_k)
 
 
 def _sub(k: int) -> str:
@@ -305,10 +306,11 @@ class ExpertWeights(Panel):
             rows.append(f'<tr style="{style}">{tds}</tr>')
         which = "all experts" if len(shown) == r else f"the {len(shown)} of {r} experts weighed most"
         caption = f"top {k} tokens of {which} at t = {t} (green: the actual token)"
-        return (f'<div style="font-size:{FONT_SIZE}px; line-height:1.35; max-width:100%; '
-                f'overflow-x:auto"><div style="padding:2px 0">{html.escape(caption)}</div>'
+        return (f'<div style="font-size:{FONT_SIZE}px; line-height:1.35; max-width:100%">'
+                f'<div style="padding:2px 0">{html.escape(caption)}</div>'
+                f'<div style="overflow:auto; max-height:{TABLE_HEIGHT}px">'
                 '<table style="border-collapse:collapse; width:100%">'
-                f'<tr>{head}</tr>{"".join(rows)}</table></div>')
+                f'<tr>{head}</tr>{"".join(rows)}</table></div></div>')
 
 
 def expert_weights(
@@ -367,7 +369,7 @@ def expert_weights(
     text_view, experts_view = w.HTML(), w.HTML()
 
     # --- heatmaps: prior gate and posterior gate, experts x positions; token labels below
-    band = max(48, 12 * r)  # px per heatmap
+    band = max(48, 11 * r)  # px per heatmap
     height = 170 + 2 * band
     fig = make_subplots(rows=2, cols=1, shared_xaxes=True,
                         vertical_spacing=40 / (height - 150),
