@@ -332,8 +332,12 @@ def expert_weights(
       token: a gap);
     * at the position chosen with the slider (initially ``position``, default the one before
       the last): the prior and posterior gate as bars, the text with the actual next n tokens
-      marked, and a table of each expert's ``top_k`` most likely tokens for every future
-      position ``q_{s,a}``, the actual token highlighted where an expert has it in its top k.
+      marked, and a table of the ``top_k`` most likely tokens of every future position
+      ``q_{s,a}`` for the MAX_ROWS experts the gate weighs most (posterior where there is a next
+      token), the actual token highlighted where an expert has it in its top k.
+
+    The panel fits one projector screen: heatmaps as wide as the output area, the text and the
+    table scroll when long.
 
     Bad text (empty, or longer than the model's block) shows a message in the panel instead of
     a traceback; bad arguments raise ``TypeError``/``ValueError`` here.
