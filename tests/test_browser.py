@@ -1093,3 +1093,25 @@ def test_voila_lecture_dashboard_hides_code_renders_and_responds(page, voila, ar
     bad = [t for t in server_tracebacks(voila.log_text())
            if not any(b in t for b in BENIGN_SERVER_ERRORS)]
     assert not bad, bad[0][-3000:]
+
+
+@needs_browser
+@pytest.mark.skipif(os.environ.get("CPTOY_TEST_REAL_MODEL") != "1",
+                    reason="loads SmolLM2-135M in the browser (slow): set CPTOY_TEST_REAL_MODEL=1")
+def test_voila_real_model_button_loads_its_panels(page, voila, artifacts):
+    """The dashboard's button loads SmolLM2-135M and shows its two decoding panels."""
+    page.goto(voila.url + "/", wait_until="commit", timeout=SERVER_START_S * 1000)
+    button = page.get_by_role("button", name=re.compile("SmolLM2"))
+    button.wait_for(timeout=RUN_ALL_S * 1000)
+    page.wait_for_load_state("load", timeout=RUN_ALL_S * 1000)
+    button.click()
+    loader = page.locator(".cptoy-panel").filter(has=button)
+    wait_for(lambda: loader.locator(".cptoy-panel").count() == 2, RUN_ALL_S,
+             "the real model's two panels")
+    wait_for(lambda: loader.locator(".js-plotly-plot .main-svg").count() >= 4, RENDER_S,
+             "their four figures")
+    wait_for(lambda: all(any(s > 0 for t in f for _, s in t) for f in fingerprint(loader)),
+             RENDER_S, "the figures to show data")
+    assert "drafters on SmolLM2-135M" in loader.inner_text()
+    assert "⚠" not in loader.inner_text()
+    screenshot(loader, artifacts / "voila_real_model.png")

@@ -237,9 +237,9 @@ def acceptance_explorer(
     import ipywidgets as w
     import plotly.graph_objects as go
 
-    sty = {"description_width": "110px"}
+    sty = {"description_width": "125px"}  # "temperature" at the dashboard's 18 px
     model_dd = w.Dropdown(options=list(models), value=next(iter(models)), description="model",
-                          style=sty, layout=control_layout("320px"))
+                          style=sty, layout=control_layout("330px"))
     strat_dd = w.Dropdown(options=list(EXPLORER_DRAFTERS), value="self-spec",
                           description="drafter", style=sty, layout=control_layout("320px"))
     temp = w.FloatSlider(value=float(temperature), min=0.0, max=2.0, step=0.05,

@@ -264,7 +264,7 @@ def speculative_stepper(
                           layout=control_layout("420px"))
     temp = w.FloatSlider(value=float(temperature), min=0.0, max=2.0, step=0.05,
                          description="temperature", continuous_update=False,
-                         style={"description_width": "120px"}, layout=control_layout("380px"))
+                         style={"description_width": "125px"}, layout=control_layout("380px"))
     seed_box = w.IntText(value=seed, description="seed", style=sty,
                          layout=control_layout("200px"))
     routing_dd = w.Dropdown(options=[("CP mixture", "mixture"), ("one expert", "expert")],
