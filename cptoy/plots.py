@@ -45,6 +45,12 @@ __all__ = [
     "stdlib_code",
 ]
 
+# Every figure is at most MAX_WIDTH inches wide: at 100 dpi that is 960 px, the output area of
+# JupyterLab at 1400 px with its file browser open, so a notebook shows it unscaled and a
+# 10.1 pt font is 14 px on screen. Every font here is at least 11 pt (15 px).
+MAX_WIDTH = 9.6  # inches
+MIN_FONT_PT = 11
+
 # matplotlib rc settings used by every figure here: big enough for a projector
 STYLE = {
     "font.size": 14,
@@ -213,7 +219,8 @@ def _heatmap(ax, M: torch.Tensor, labels: list[str], title: str, signed: bool = 
         for i in range(V):
             for j in range(V):
                 if abs(A[i, j]) >= 0.005:
-                    ax.text(j, i, f"{A[i, j]:.2f}", ha="center", va="center", fontsize=10,
+                    ax.text(j, i, f"{A[i, j]:.2f}", ha="center", va="center",
+                            fontsize=MIN_FONT_PT,
                             color="white" if abs(A[i, j]) > 0.6 * hi else "black")
     if colorbar:
         ax.figure.colorbar(im, ax=ax, shrink=0.85)
@@ -285,12 +292,12 @@ def plot_joint_comparison(
 
     vmax = float(max(Sp.max(), Sq.max()))
     with rc_context(STYLE):
-        fig = Figure(figsize=(16.5, 5.8), layout="constrained")
+        fig = Figure(figsize=(MAX_WIDTH, 4.4), layout="constrained")
         axs = fig.subplots(1, 3)
-        _heatmap(axs[0], Sp, labels, titles[0], vmax=vmax, annotate=annotate, xlabel=xa, ylabel=ya)
-        _heatmap(axs[1], Sq, labels, titles[1], vmax=vmax, annotate=annotate, xlabel=xa, ylabel=ya)
-        _heatmap(axs[2], Sp - Sq, labels, titles[2], signed=True, annotate=annotate, xlabel=xa,
-                 ylabel=ya)
+        _heatmap(axs[0], Sp, labels, titles[0], vmax=vmax, annotate=annotate, xlabel=xa, ylabel=ya,
+                 colorbar=False)  # P and Q share the colour bar beside Q
+        _heatmap(axs[1], Sq, labels, titles[1], vmax=vmax, annotate=annotate, xlabel=xa)
+        _heatmap(axs[2], Sp - Sq, labels, titles[2], signed=True, annotate=annotate, xlabel=xa)
         fig.suptitle(f"2-token slice: {ya}, {xa}{cond}")
     return fig
 
@@ -322,7 +329,7 @@ def plot_rank_sweep(results, n: int | None = None, title: str | None = None, log
 
     methods = list(dict.fromkeys(p.method for p in pts))
     with rc_context(STYLE):
-        fig = Figure(figsize=(13.0, 4.8), layout="constrained")
+        fig = Figure(figsize=(MAX_WIDTH, 4.0), layout="constrained")
         ax_kl, ax_e = fig.subplots(1, 2)
         for m in methods:
             mp = sorted((p for p in pts if p.method == m), key=lambda p: p.rank)
@@ -411,7 +418,7 @@ def plot_gate(weights, labels: Sequence[str] | None = None, ax=None, title: str 
         for k, (name, w) in enumerate(series.items()):
             xs = [a - 0.4 + width * (k + 0.5) for a in range(r)]
             bars = ax.bar(xs, w.tolist(), width=width, color=f"C{k}", label=name)
-            ax.bar_label(bars, fmt="%.2f", fontsize=11)
+            ax.bar_label(bars, fmt="%.2f", fontsize=MIN_FONT_PT)
         ax.set_xticks(range(r), names)
         ax.set_ylim(0, 1.12 * max(float(w.max()) for w in series.values()))
         ax.set_ylabel("weight")
@@ -450,7 +457,8 @@ def plot_experts(dist: CPDist, labels: Sequence[str] | None = None, title: str |
     labels = _labels(labels, V)
     step = max(1, math.ceil(V / 20))
     with rc_context(STYLE):
-        fig = Figure(figsize=(min(5.0 * n, 18.0), 1.0 + 0.55 * r + 1.5), layout="constrained")
+        fig = Figure(figsize=(min(3.4 * n, MAX_WIDTH), 1.0 + 0.45 * r + 1.5),
+                     layout="constrained")
         axs = fig.subplots(1, n, squeeze=False)[0]
         for s in range(n):
             ax = axs[s]
@@ -541,8 +549,8 @@ def _fig_hmm_rank1_vs_true(d: _FigureInputs):
     P = d.hmm_P
     R1 = product_of_marginals(P)
     fig = plot_joint_comparison(
-        P, R1, titles=("true joint P", "independent heads (rank 1)", "P - rank 1"))
-    fig.suptitle(f"HMM toy language (4 states, V=10): tokens 1, 2.  E[tokens/forward]: "
+        P, R1, titles=("true joint P", "rank 1\n(independent heads)", "P - rank 1"))
+    fig.suptitle(f"HMM toy language (4 states, V=10): tokens 1, 2\nE[tokens/forward] of "
                  f"rank 1 = {expected_tokens_per_forward(P, R1):.2f} of 3", fontsize=16)
     return fig
 
@@ -561,17 +569,18 @@ def _fig_code_joint_fits(d: _FigureInputs):
     cj, fits = d.code, d.code_fits
     labels = cj.labels()
     with rc_context(STYLE):
-        fig = Figure(figsize=(16.5, 5.8), layout="constrained")
+        fig = Figure(figsize=(MAX_WIDTH, 4.6), layout="constrained")
         axs = fig.subplots(1, 3)
         S = joint_slice(cj.P)
         vmax = float(S.max())
-        _heatmap(axs[0], S, labels, f"true P ({cj.count} occurrences)", vmax=vmax,
-                 xlabel="x2", ylabel="x1")
+        _heatmap(axs[0], S, labels, f"true P\n({cj.count} occurrences)", vmax=vmax,
+                 xlabel="x2", ylabel="x1", colorbar=False)
         for ax, r in zip(axs[1:], (1, 4), strict=True):
             E = expected_tokens_per_forward(cj.P, fits[r].dist)
-            _heatmap(ax, joint_slice(fits[r].dist), labels,
-                     f"rank {r}: KL {fits[r].kl:.2f}, E {E:.2f}", vmax=vmax, xlabel="x2",
-                     ylabel="x1")
+            im = _heatmap(ax, joint_slice(fits[r].dist), labels,
+                          f"rank {r}\nKL {fits[r].kl:.2f}, E {E:.2f}", vmax=vmax, xlabel="x2",
+                          colorbar=False)
+        fig.colorbar(im, ax=list(axs), shrink=0.8)  # one scale for all three
         fig.suptitle(f'stdlib code after "{d.ctx}": first two bytes (top 12 + <other>)')
     return fig
 
@@ -583,14 +592,16 @@ def _fig_code_conditioned(d: _FigureInputs):
     cj, fits, first = d.code, d.code_fits, d.first
     labels = cj.labels()
     with rc_context(STYLE):
-        fig = Figure(figsize=(16.5, 5.8), layout="constrained")
+        fig = Figure(figsize=(MAX_WIDTH, 4.6), layout="constrained")
         axs = fig.subplots(1, 3)
         Sp = joint_slice(cj.P, (0, 1), prefix=[first])
         vmax = float(Sp.max())
-        _heatmap(axs[0], Sp, labels, "true P(x2, x3 | x1)", vmax=vmax, xlabel="x3", ylabel="x2")
+        _heatmap(axs[0], Sp, labels, "true\nP(x2, x3 | x1)", vmax=vmax, xlabel="x3", ylabel="x2",
+                 colorbar=False)
         for ax, r in zip(axs[1:], (1, 4), strict=True):
-            _heatmap(ax, joint_slice(fits[r].dist, (0, 1), prefix=[first]), labels,
-                     f"rank {r}: Q(x2, x3 | x1)", vmax=vmax, xlabel="x3", ylabel="x2")
+            im = _heatmap(ax, joint_slice(fits[r].dist, (0, 1), prefix=[first]), labels,
+                          f"rank {r}\nQ(x2, x3 | x1)", vmax=vmax, xlabel="x3", colorbar=False)
+        fig.colorbar(im, ax=list(axs), shrink=0.8)  # one scale for all three
         fig.suptitle(f'after "{d.ctx}" and x1 = {labels[first]!r}: only rank > 1 can condition')
     return fig
 
@@ -677,7 +688,7 @@ def plot_joint_slices(
 
     k = len(slices)
     with rc_context(STYLE):
-        fig = Figure(figsize=(4.6 * k + 1.0, 4.9), layout="constrained")
+        fig = Figure(figsize=(min(3.2 * k + 1.0, MAX_WIDTH), 4.4), layout="constrained")
         axs = fig.subplots(1, k, squeeze=False)[0]
         for i, (name, S) in enumerate(slices.items()):
             im = _heatmap(axs[i], S, labels, name, vmax=vmax, annotate=annotate, xlabel=xa,
@@ -710,12 +721,12 @@ def plot_gate_heatmap(weights, token_labels: Sequence[str], ax=None,
     from matplotlib import rc_context
 
     with rc_context(STYLE):
-        fig, ax = _new_fig(ax, (min(0.32 * T + 3.0, 18.0), 0.45 * r + 2.6))
+        fig, ax = _new_fig(ax, (min(0.32 * T + 3.0, MAX_WIDTH), 0.45 * r + 2.6))
         im = ax.imshow(W.T.double().numpy(), cmap="Blues", vmin=0.0, vmax=1.0, aspect="auto",
                        interpolation="nearest")
-        step = max(1, math.ceil(T / 60))
+        step = max(1, math.ceil(T / 48))  # rotated labels at least 18 px apart
         ax.set_xticks(range(0, T, step), [str(token_labels[i]) for i in range(0, T, step)],
-                      rotation=90, fontsize=11, family="monospace")
+                      rotation=90, fontsize=MIN_FONT_PT, family="monospace")
         ax.set_yticks(range(r), [str(a) for a in range(r)])
         ax.set_ylabel("expert")
         ax.set_xlabel("position (token read there)")

@@ -9,6 +9,7 @@ import torch
 
 from cptoy.data import ByteTokenizer
 from cptoy.widgets import acceptance_explorer, speculative_stepper
+from cptoy.widgets.base import tok_label
 
 
 def _model(rank, n=4, seed=0):
@@ -45,6 +46,10 @@ def heldout(tok):
 
 def _y(trace):
     return np.array([np.nan if v is None else v for v in trace.y], dtype=float)
+
+
+def _x(trace):  # the p/q bars are horizontal: probabilities on x, tokens on y
+    return np.array([np.nan if v is None else v for v in trace.x], dtype=float)
 
 
 # ============================================================================ acceptance_explorer
@@ -147,20 +152,21 @@ def test_stepper_steps_through_the_recorded_decode(models, tok, prompts):
     assert np.allclose(_y(gate.data[1]), st.gate_posterior)
     pq = sp.figures["pq"]
     d = st.drafts[0]
-    xs_labels = list(pq.layout.xaxis.ticktext)
-    assert len(xs_labels) == 8  # top 8 tokens, the draft among them
+    labels = list(pq.layout.yaxis.ticktext)
+    assert len(labels) == 8  # top 8 tokens, the draft among them
     i = list(pq.data[0].marker.line.width).index(3)  # the outlined bar is the draft
-    assert _y(pq.data[0])[i] == pytest.approx(float(st.p[0, d]))
-    assert _y(pq.data[1])[i] == pytest.approx(float(st.q[0, d]))
+    assert labels[i] == tok_label(tok, d)
+    assert _x(pq.data[0])[i] == pytest.approx(float(st.p[0, d]))
+    assert _x(pq.data[1])[i] == pytest.approx(float(st.q[0, d]))
     assert f"{st.accept_prob[0]:.2f}" in pq.layout.annotations[0].text
     assert "step 1 of" in sp.status
-    y0 = _y(pq.data[0]).copy()
+    y0 = _x(pq.data[0]).copy()
     sp.next()
     assert sp.step_slider.value == 1 and "step 2 of" in sp.status
-    assert not np.array_equal(_y(pq.data[0]), y0) or steps[1].drafts != st.drafts
+    assert not np.array_equal(_x(pq.data[0]), y0) or steps[1].drafts != st.drafts
     sp.previous()
     assert sp.step_slider.value == 0
-    assert np.allclose(_y(pq.data[0]), y0)
+    assert np.allclose(_x(pq.data[0]), y0)
     sp.previous()  # at the first step: stays
     assert sp.step_slider.value == 0
 

@@ -122,6 +122,32 @@ def test_bad_text_shows_a_message_not_a_traceback(panel, text, words):
     assert np.array(panel.figures["gate"].data[0].z, dtype=float).shape[1] == 14
 
 
+def test_emptied_text_leaves_no_stale_token_labels(panel):
+    panel.set_text("abc")
+    assert list(panel.figures["gate"].layout.xaxis2.ticktext)[:3] == ["a", "b", "c"]
+    panel.set_text("")
+    assert panel.figures["position"].layout.title.text == "gate at t"  # no stale token
+    for ax in ("xaxis", "xaxis2"):
+        assert list(panel.figures["gate"].layout[ax].ticktext or []) == []
+        assert list(panel.figures["gate"].layout[ax].tickvals or []) == []
+
+
+def test_table_lists_the_experts_the_gate_weighs_most():
+    """Rank 8: 4 rows (a projector screen), heaviest posterior weight first."""
+    import re
+
+    from cptoy.widgets import expert_weights
+    from cptoy.widgets.experts import MAX_ROWS
+
+    m = _model(rank=8, n_future=2)
+    ex = expert_weights(m, ByteTokenizer(), text=TEXT, top_k=3, position=5)
+    html = ex.experts_view.value
+    assert html.count("<tr") == 1 + MAX_ROWS and "4 of 8 experts" in html
+    shown = [int(a) for a in re.findall(r'<tr style="[^"]*"><td style="[^"]*">(\d+)</td>', html)]
+    order = ex.posterior[5].argsort(descending=True)[:MAX_ROWS].tolist()
+    assert shown == order
+
+
 def test_bad_text_at_construction_is_a_message_too(model):
     from cptoy.widgets import expert_weights
 

@@ -147,12 +147,46 @@ def test_plot_experts_one_panel_per_position(P):
     np.testing.assert_allclose(ims[1].get_array(), dist.factors[1].numpy())
 
 
+def _small_texts(fig) -> list[str]:
+    """Visible texts of ``fig`` smaller than 14 px on screen (fig.dpi px per inch)."""
+    from matplotlib.text import Text
+
+    fig.draw_without_rendering()
+    return [f"{t.get_text()!r} {t.get_fontsize()} pt" for t in fig.findobj(Text)
+            if t.get_visible() and t.get_text().strip()
+            and t.get_fontsize() * fig.dpi / 72 < 14]
+
+
+def test_figures_fit_a_notebook_and_read_on_a_projector(P):
+    """At most MAX_WIDTH wide (960 px: shown unscaled in JupyterLab beside its file browser)
+    and no text under 14 px, annotated heatmaps and bar labels included."""
+    from cptoy.plots import MAX_WIDTH, plot_gate_heatmap, plot_joint_slices
+
+    Q = product_of_marginals(P)
+    dist = fit_cp(P, 3, n_iter=20).dist
+    w = torch.tensor([[0.5, 0.3, 0.2]] * 70, dtype=torch.float64)
+    figs = {
+        "comparison": plot_joint_comparison(P, Q, annotate=True),
+        "sweep": plot_rank_sweep(rank_sweep(P, ranks=(1, 2), methods=("em",), n_iter=20), n=3),
+        "experts": plot_experts(dist, labels=list("abcde")),
+        "gate": plot_gate({"prior": w[0], "posterior": torch.tensor([0.1, 0.1, 0.8])}),
+        "slices": plot_joint_slices({"P": P, "Q": Q, "P again": P}, labels=list("abcde"),
+                                    annotate=True),
+        "gate heatmap": plot_gate_heatmap(w, [f"t{i}" for i in range(70)]),
+    }
+    for name, fig in figs.items():
+        assert fig.get_figwidth() <= MAX_WIDTH + 1e-9, (name, fig.get_figwidth())
+        assert not _small_texts(fig), (name, _small_texts(fig)[:5])
+
+
 # ---------------------------------------------------------------------- make_figures
 def test_make_figures_writes_every_png_deterministically(tmp_path):
     a = make_figures(tmp_path / "a")
     assert [p.name for p in a] == [f"{k}.png" for k in FIGURES] and len(a) >= 5
     for p in a:
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 10_000
+        width = int.from_bytes(p.read_bytes()[16:20], "big")  # the PNG header's IHDR width
+        assert width <= 960, (p.name, width)  # shown unscaled in a notebook's output area
     # a second run (fresh inputs, fits and figures) gives the same bytes; a cheap subset keeps
     # the test fast, and the code figure covers the corpus joint and EM fits
     subset = ["hmm_rank1_vs_true", "code_joint_fits"]
@@ -215,13 +249,14 @@ def test_cp_explorer_method_and_slice_update(explorer, P):
 
 def test_cp_explorer_shows_callback_errors_in_the_panel(P, monkeypatch):
     import cptoy.widgets as widgets
+    import cptoy.widgets.joint_fits
 
     ex = widgets.cp_explorer(P, max_rank=2, methods=("em",), n_iter=20)
 
     def boom(*args, **kwargs):
         raise KeyError("slice exploded")
 
-    monkeypatch.setattr(widgets, "joint_slice", boom)
+    monkeypatch.setattr(cptoy.widgets.joint_fits, "joint_slice", boom)
     ex.rank_slider.value = 2  # must not raise
     assert "slice exploded" in ex.message.value and "⚠" in ex.message.value
     assert ex.status.startswith("⚠ KeyError")
