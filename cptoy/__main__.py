@@ -373,7 +373,7 @@ def cmd_sample(args) -> int:
 
 
 def cmd_figures(args) -> int:
-    from cptoy.plots import make_figures
+    from cptoy.figures import make_figures
 
     make_figures(args.out)
     return 0

@@ -1,4 +1,4 @@
-"""cptoy.plots (matplotlib figures, make_figures) and cptoy.widgets (cp_explorer)."""
+"""cptoy.plots (matplotlib figures), cptoy.figures (make_figures) and cptoy.widgets (cp_explorer)."""
 
 import hashlib
 import subprocess
@@ -9,12 +9,11 @@ import pytest
 import torch
 
 from cptoy.cp import CPDist, fit_cp
+from cptoy.figures import FIGURES, make_figures
 from cptoy.joint import HMM, product_of_marginals
 from cptoy.plots import (
-    FIGURES,
     SweepPoint,
     joint_slice,
-    make_figures,
     plot_em_history,
     plot_experts,
     plot_gate,
