@@ -10,8 +10,14 @@ from test_decoding import _attach_exact, _gof_pvalue
 from cptoy.decoding import generate
 from cptoy.draftblock import DraftBlockHeads, DraftBlockModel
 from cptoy.features import FeatureCache
-from cptoy.headtrain import (HeadTrainConfig, build_heads_model, cached_acceptance,
-                             first_token_conditionals, sample_batch, train_heads)
+from cptoy.headtrain import (
+    HeadTrainConfig,
+    build_heads_model,
+    cached_acceptance,
+    first_token_conditionals,
+    sample_batch,
+    train_heads,
+)
 from cptoy.model import GPT, GPTConfig
 
 
