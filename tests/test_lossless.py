@@ -5,7 +5,7 @@ One tiny GPT (V = 4, float64) for all of them; the first four new tokens of 1500
 compared by a chi-square test with the exact law of those four tokens, enumerated over all 256
 continuations (``tests/stats.py``). Each drafter is perturbed so that both the accept path and
 the residual path run (checked). The drafters: CP heads with mixture and with one-expert routing,
-first-token heads, Backbone-as-Architect heads, a self-distilled student's mask outputs and
+first-token heads, the draft block (EAGLE-style chain), Backbone-as-Architect heads, a self-distilled student's mask outputs and
 prompt lookup; the negative control reports a
 q the drafts were not drawn from, and the same test rejects it.
 """
@@ -19,6 +19,7 @@ from stats import exact_ar, generate_pvalue
 
 from cptoy.clp import ArchitectHeads
 from cptoy.decoding import generate
+from cptoy.draftblock import DraftBlockModel
 from cptoy.firsttoken import FirstTokenModel
 from cptoy.heads import MTPModel
 from cptoy.model import GPT, GPTConfig
@@ -56,6 +57,10 @@ def _drafter_model(kind: str, gpt: GPT):
         model = FirstTokenModel(gpt, N_FUTURE).double()
         _perturb(model.heads, 0.3, 2)
         return model, {}, PROMPT
+    if kind == "draft-block":
+        model = DraftBlockModel(gpt, N_FUTURE, mlp_hidden=16).double()
+        _perturb(model.heads, 0.3, 5)
+        return model, {}, PROMPT
     if kind == "architect":
         heads = ArchitectHeads(gpt.config.n_embd, V, N_FUTURE, gpt.unembedding).double()
         _perturb(heads, 0.5, 3)
@@ -69,7 +74,8 @@ def _drafter_model(kind: str, gpt: GPT):
     raise ValueError(kind)
 
 
-@pytest.mark.parametrize("kind", ["cp-mixture", "cp-expert", "first-token", "architect",
+@pytest.mark.parametrize("kind", ["cp-mixture", "cp-expert", "first-token", "draft-block",
+                                  "architect",
                                   "self-distilled", "lookup"])
 def test_self_spec_is_exact_for_every_drafter(kind, gpt):
     model, kw, prompt = _drafter_model(kind, gpt)
