@@ -188,12 +188,18 @@ def check_make_smollm2_heads(tmp_path):
     out = make_dry_run("smollm2-heads")
     calls = _module_calls(out)
     assert {" ".join(h) for h, _ in calls} == {"-m cptoy.headtrain"}
-    assert len(calls) == 3  # CP rank 1, CP rank 8, first-token heads
+    # CP rank 1, CP rank 8, first-token heads, the draft block in two runs (the second --init
+    # from the first); every shipped checkpoint is written by one of them
+    assert len(calls) == 5
     helptext = run(["python", "-m", "cptoy.headtrain", "--help"]).stdout
+    outs = set()
     for _, args in calls:
         for flag in re.findall(r"(?<!\S)(--[\w-]+)", args):
             assert flag in helptext, f"make smollm2-heads passes {flag}, unknown to cptoy.headtrain"
-        assert "--out cptoy/checkpoints/smollm2_" in " ".join(args.split())
+        outs.add(re.search(r"--out (\S+)", args).group(1))
+    shipped = {f"cptoy/checkpoints/{n}.pt" for n in ("smollm2_r1", "smollm2_r8", "smollm2_x1",
+                                                      "smollm2_block")}
+    assert shipped <= outs
 
 
 CPU_TORCH_INDEX = "https://download.pytorch.org/whl/cpu"
