@@ -171,6 +171,43 @@ def test_stepper_steps_through_the_recorded_decode(models, tok, prompts):
     assert sp.step_slider.value == 0
 
 
+def test_stepper_shows_the_residual_at_a_rejection(models, tok, prompts):
+    """At a rejected draft (T > 0) the stepper draws norm(max(0, p - q)) over the shown tokens,
+    the law the replacement came from; elsewhere that trace is empty."""
+    from cptoy.speculative import residual
+
+    sp = speculative_stepper(models["rank 3"], tok, prompts[0], temperature=1.0, seed=0,
+                             max_new_tokens=20)
+    k = sp.settings["n_draft"]
+    shown = 0
+    runs = []
+    for seed in range(20):  # this tiny model accepts most drafts: find runs with rejections
+        sp.seed_box.value = seed
+        runs += [(seed, i) for i, st in enumerate(sp.generation.steps) if False in st.accepted]
+        if len(runs) >= 2:
+            break
+    for seed, i in runs + [(runs[0][0], 0)]:  # rejections, and a step without one
+        sp.seed_box.value = seed
+        sp.step_slider.value = i
+        st = sp.generation.steps[i]
+        pq = sp.figures["pq"]
+        for j in range(k):
+            tr = pq.data[2 * k + j]
+            rejected = j < len(st.accepted) and not st.accepted[j]
+            if not rejected:
+                assert len(_x(tr)) == 0
+                continue
+            score = torch.maximum(st.p[j], st.q[j])
+            score[st.drafts[j]] = float("inf")
+            ids = score.topk(8).indices  # the rows shown: the draft and the top of p and q
+            res = residual(st.p[j], st.q[j])
+            assert list(_x(tr)) == pytest.approx(res[ids].tolist())
+            assert float(res[st.final_token]) > 0  # the replacement came from it
+            assert "residual" in pq.layout.annotations[j].text
+            shown += 1
+    assert shown >= 1  # the run rejects at least one draft
+
+
 def test_stepper_redecodes_on_temperature_and_seed(models, tok, prompts):
     sp = speculative_stepper(models["rank 3"], tok, prompts[0], temperature=1.0, seed=0,
                              max_new_tokens=20)

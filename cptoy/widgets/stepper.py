@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import torch
 
 from cptoy._checks import check_positive_int
+from cptoy.speculative import residual
 from cptoy.widgets.base import (
     ARRIVAL_COLORS,
     FONT_SIZE,
@@ -161,6 +162,8 @@ class SpeculativeStepper(Panel):
                 tp, tq = fq.data[2 * j], fq.data[2 * j + 1]
                 ax = fq.layout[f"yaxis{'' if j == 0 else j + 1}"]
                 ann = fq.layout.annotations[j]
+                tr = fq.data[2 * kmax + j]
+                tr.x = tr.y = []
                 if j >= len(st.drafts):
                     tp.x = tp.y = tq.x = tq.y = []
                     ann.text = f"d{j + 2}<br>not drafted"
@@ -182,7 +185,12 @@ class SpeculativeStepper(Panel):
                     ok = st.accepted[j]
                     rule = "argmax p" if T == 0 else "min(1, p/q)"
                     verdict = "✓ accepted" if ok else (
-                        f"✗ → '{tok_label(tok, st.final_token)}'")
+                        f"✗ → '{tok_label(tok, st.final_token)}'"
+                        + ("" if T == 0 else " from the residual"))
+                    if not ok and T > 0:  # the replacement is drawn from norm(max(0, p - q))
+                        res = residual(p, q)  # (V,)
+                        tr.y, tr.x = ys, res[ids].tolist()
+                        tr.marker.line.width = widths
                     ann.text = (f"d{j + 2} = '{tok_label(tok, d)}'<br>{rule} = "
                                 f"{st.accept_prob[j]:.2f}<br>{verdict}")
                 else:
@@ -228,7 +236,8 @@ def speculative_stepper(
     weights before and after conditioning on x_1 (the posterior gate; the sampled expert is
     marked); and, at every drafted position, the backbone's p and the drafter's q over the
     ``top`` most likely tokens (the draft outlined) with the acceptance probability
-    ``min(1, p/q)`` and the decision. Buttons and a slider move between steps; temperature,
+    ``min(1, p/q)`` and the decision; at a rejected draft (T > 0) also the residual
+    norm(max(0, p - q)) the replacement was drawn from. Buttons and a slider move between steps; temperature,
     seed and the drafter's q re-decode: ``routing`` "mixture" (q = the CP's mixture conditional)
     or "expert" (one expert drawn from the posterior drafts and is q; see
     ``cptoy.decoding``); the dropdown is disabled for rank 1, where both are the same. At
@@ -296,6 +305,10 @@ def speculative_stepper(
                              marker_color=Q_COLOR, marker_line_color="black",
                              showlegend=j == 0, legendgroup="q"), row=1, col=j + 1)
         fig.update_xaxes(range=[0, 1.05], nticks=3, row=1, col=j + 1)
+    for j in range(k):  # after all p/q bars, so that p and q of position j stay traces 2j, 2j+1
+        fig.add_trace(go.Bar(x=[], y=[], orientation="h", name="residual norm(max(0, p − q))",
+                             marker_color=ARRIVAL_COLORS["replacement"], marker_line_color="black",
+                             showlegend=j == 0, legendgroup="r"), row=1, col=j + 1)
         fig.update_yaxes(autorange="reversed", tickangle=0, automargin=True,
                          row=1, col=j + 1)  # the most likely on top, labels level
     fig.update_layout(**base_layout(height))
