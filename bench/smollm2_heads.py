@@ -73,6 +73,7 @@ from cptoy.evaluate import (
     teacher_forced_acceptance,
     verify_cost,
 )
+from cptoy.theory import conditional_rates
 
 SECTION = "## Drafting heads on SmolLM2-135M (bench/smollm2_heads.py)"
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
@@ -327,16 +328,8 @@ def tf_eval(drafters: list[Drafter], chunks: dict[str, list[list[int]]], cfg: Be
                 gp, sp = pool("greedy_prefix"), pool("spec_prefix")
                 out[(dr.label, corpus, T)] = dict(
                     positions=N, greedy=1 + sum(gp), spec=1 + sum(sp), prefix=sp,
-                    acceptance=_conditional(sp), seconds=sum(r.seconds for r in res))
+                    acceptance=conditional_rates(sp), seconds=sum(r.seconds for r in res))
         log(f"  teacher forcing: {dr.label}")
-    return out
-
-
-def _conditional(prefix: list[float]) -> list[float]:
-    out, prev = [], 1.0
-    for p in prefix:
-        out.append(p / prev if prev > 0 else float("nan"))
-        prev = p
     return out
 
 

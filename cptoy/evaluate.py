@@ -50,6 +50,7 @@ from cptoy.benchmark import (  # noqa: F401 (re-exported: the names bench/ and n
 from cptoy.cp import CPDist
 from cptoy.data import load_corpus
 from cptoy.decoding import backbone_of, check_n_draft, check_routing, device_of
+from cptoy.theory import conditional_rates
 from cptoy.verifierfree import heads_only_generate  # noqa: F401 (re-exported)
 
 __all__ = [
@@ -107,14 +108,6 @@ class TFResult:
                 f"T={self.temperature:g}: tokens/forward greedy-match "
                 f"{self.greedy_tokens_per_forward:.3f}, speculative "
                 f"{self.spec_tokens_per_forward:.3f} (acceptance by position {acc})")
-
-
-def _conditional_rates(prefix: list[float]) -> list[float]:
-    out, prev = [], 1.0
-    for p in prefix:
-        out.append(p / prev if prev > 0 else float("nan"))
-        prev = p
-    return out
 
 
 def _windows(N: int, block: int, k: int, min_context: int) -> list[tuple[int, int, int]]:
@@ -274,8 +267,8 @@ def teacher_forced_acceptance(
         greedy_tokens_per_forward=1.0 + sum(g_prefix),
         spec_tokens_per_forward=1.0 + sum(s_prefix),
         greedy_prefix=g_prefix, spec_prefix=s_prefix,
-        greedy_acceptance=_conditional_rates(g_prefix),
-        spec_acceptance=_conditional_rates(s_prefix),
+        greedy_acceptance=conditional_rates(g_prefix),
+        spec_acceptance=conditional_rates(s_prefix),
         greedy_per_position=1 + G.sum(1), spec_per_position=1.0 + S.sum(1),
         positions=torch.cat(pos_all), context_starts=torch.cat(start_all), seconds=time.perf_counter() - t_start,
     )

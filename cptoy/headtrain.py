@@ -36,6 +36,7 @@ import torch
 from cptoy._checks import check_positive_int
 from cptoy.features import FeatureCache
 from cptoy.persist import atomic_save, read_torch_file
+from cptoy.theory import conditional_rates
 
 __all__ = ["HeadTrainConfig", "Batch", "OBJECTIVES", "shortlist_from_cache", "shortlist_from_counts",
            "token_counts", "sample_batch",
@@ -348,11 +349,8 @@ def cached_acceptance(model, cache: FeatureCache, shortlist: torch.Tensor | None
         hits.append((draft == b.top_ids[:, 1:, 0]).long().cumprod(1).cpu())
     H = torch.cat(hits).double()
     prefix = H.mean(0).tolist()
-    acc, prev = [], 1.0
-    for p in prefix:
-        acc.append(p / prev if prev > 0 else float("nan"))
-        prev = p
-    return dict(tokens_per_forward=1 + sum(prefix), prefix=prefix, acceptance=acc,
+    return dict(tokens_per_forward=1 + sum(prefix), prefix=prefix,
+                acceptance=conditional_rates(prefix),
                 positions=len(t_all))
 
 

@@ -176,3 +176,13 @@ def greedy_tokens_per_forward(P, Q) -> int:
             break
         path.append(d)
     return len(path)
+
+
+def conditional_rates(prefix) -> list[float]:
+    """Per-position acceptance Pr(draft j accepted | drafts before j accepted) from the
+    prefix probabilities Pr(drafts 1..j all accepted), j = 1..k (nan after a zero)."""
+    out, prev = [], 1.0
+    for p in prefix:
+        out.append(p / prev if prev > 0 else float("nan"))
+        prev = p
+    return out

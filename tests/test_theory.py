@@ -190,3 +190,13 @@ def test_greedy_tokens_per_forward():
     Q2[0, 2, 2] = 0.5
     Q2[1, 1, 1] = 0.5
     assert greedy_tokens_per_forward(P, Q2) == 1
+
+
+def test_conditional_rates_undo_the_prefix_product():
+    from cptoy.theory import conditional_rates
+
+    rates = [0.5, 0.4, 0.25]
+    prefix = [0.5, 0.2, 0.05]  # cumulative products of the rates
+    assert conditional_rates(prefix) == pytest.approx(rates)
+    out = conditional_rates([0.3, 0.0, 0.0])
+    assert out[:2] == [0.3, 0.0] and math.isnan(out[2])
