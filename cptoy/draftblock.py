@@ -100,11 +100,6 @@ class DraftBlockHeads(DraftingHeads):
         """The shared (V, d) token embedding E."""
         return self._attached("embedding")
 
-    @property
-    def unembedding(self) -> torch.Tensor:
-        """The shared (V, d) unembedding U."""
-        return self._attached("unembedding")
-
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, vocab_size={self.vocab_size}, "
                 f"n_future={self.n_future}, mlp_hidden={self.mlp_hidden}")

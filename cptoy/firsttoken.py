@@ -79,11 +79,6 @@ class FirstTokenHeads(DraftingHeads):
         """The shared (V, d) token embedding E."""
         return self._attached("embedding")
 
-    @property
-    def unembedding(self) -> torch.Tensor:
-        """The shared (V, d) unembedding U."""
-        return self._attached("unembedding")
-
     def extra_repr(self) -> str:
         return f"d_model={self.d_model}, vocab_size={self.vocab_size}, n_future={self.n_future}"
 

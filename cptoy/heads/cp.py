@@ -120,11 +120,6 @@ class CPHeads(CPDraftTables, DraftingHeads):
 
     # ------------------------------------------------------------------ basics
     @property
-    def unembedding(self) -> torch.Tensor:
-        """The shared (V, d) unembedding."""
-        return self._attached("unembedding")
-
-    @property
     def structure(self) -> str:
         """``"full"`` (expert_dim None) or ``"structured"``."""
         return "full" if self.expert_dim is None else "structured"

@@ -65,8 +65,9 @@ class DraftStep:
 class DraftingHeads(nn.Module):
     """What every cptoy drafting head shares: argument checks and the drafting shortlist.
 
-    Subclasses set ``d_model``, ``vocab_size``, ``n_future`` and an ``unembedding`` (V, d)
-    property, call ``super().__init__()`` and then :meth:`_init_shortlist`; they may cache
+    Subclasses set ``d_model``, ``vocab_size``, ``n_future``, attach the backbone's (V, d)
+    unembedding (``self._attach("unembedding", U, (V, d))``, read back by :attr:`unembedding`),
+    call ``super().__init__()`` and then :meth:`_init_shortlist`; they may cache
     drafting tables in ``self._tables`` (dropped when the shortlist changes).
     """
 
@@ -98,6 +99,11 @@ class DraftingHeads(nn.Module):
     def _attached(self, name: str) -> torch.Tensor:
         t = self.__dict__.get(f"_shared_{name}")
         return t if t is not None else getattr(self, f"_fixed_{name}")
+
+    @property
+    def unembedding(self) -> torch.Tensor:
+        """The backbone's shared (V, d) unembedding U."""
+        return self._attached("unembedding")
 
     def _check_hidden(self, hidden, name: str = "hidden", dims: int | None = None) -> torch.Tensor:
         if not isinstance(hidden, torch.Tensor) or not hidden.is_floating_point():
