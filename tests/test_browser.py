@@ -448,6 +448,28 @@ def fingerprint(locator) -> list:
     return locator.evaluate(f"node => {{ {_JS_FLAT} return fingerprint(node); }}")
 
 
+JS_UNDRAWN = """node => {
+  // traces that hold data (x, y or z) but that plotly does not draw (visible false after its
+  // defaults: e.g. a bar with x but no y), unless the trace itself asks to be hidden
+  const n = v => (v && v.length) || 0;
+  const out = [];
+  node.querySelectorAll('.js-plotly-plot').forEach((gd, f) => (gd.data || []).forEach((t, i) => {
+    const full = (gd._fullData || [])[i];
+    if (t.visible === false || t.visible === 'legendonly' || !full) return;
+    if ((n(t.x) || n(t.y) || n(t.z)) && full.visible !== true)
+      out.push(`figure ${f} trace ${i} (${t.name || t.type}): x ${n(t.x)}, y ${n(t.y)}, `
+               + `z ${n(t.z)} not drawn`);
+  }));
+  return out;
+}"""
+
+
+def assert_drawn(node, where: str) -> None:
+    """Every trace that holds data is drawn (none left half-updated, e.g. x without y)."""
+    undrawn = node.evaluate(JS_UNDRAWN)
+    assert not undrawn, f"{where}: " + "; ".join(undrawn)
+
+
 def html_texts(locator) -> list[str]:
     """The text of the HTML/label widgets under ``locator`` (status lines, token text)."""
     return locator.evaluate("node => Array.from(node.querySelectorAll("
@@ -568,6 +590,7 @@ def assert_rendered(page, node, info: dict, where: str) -> None:
     # the figures show what the kernel holds (not the data they were built with)
     wait_for(lambda: same_figures(fingerprint(node), info["figures"]), RENDER_S,
              f"{where}: rendered figures to match the kernel's {info['kinds']}")
+    assert_drawn(node, where)
 
 
 JS_FITS = """node => {
@@ -621,6 +644,7 @@ def settle(page, node, model_id: str, where: str) -> dict:
     info = probe(page, [model_id])[0]
     wait_for(lambda: same_figures(fingerprint(node), info["figures"]), RENDER_S,
              f"{where}: figures to match the kernel after the change")
+    assert_drawn(node, where)
     return info
 
 

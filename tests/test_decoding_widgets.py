@@ -173,24 +173,28 @@ def test_stepper_steps_through_the_recorded_decode(models, tok, prompts):
 
 def test_stepper_shows_the_residual_at_a_rejection(models, tok, prompts):
     """At a rejected draft (T > 0) the stepper draws norm(max(0, p - q)) over the shown tokens,
-    the law the replacement came from; elsewhere that trace is empty."""
+    the law the replacement came from; elsewhere that trace is empty. Checked at every step,
+    walking forward and back and drawing one step twice, so that a step's bars are whole after
+    any other step's (each bar has its x and its y: within one batch_update plotly keeps a
+    change when a later one restores the value from before the batch)."""
     from cptoy.speculative import residual
 
     sp = speculative_stepper(models["rank 3"], tok, prompts[0], temperature=1.0, seed=0,
                              max_new_tokens=20)
     k = sp.settings["n_draft"]
-    shown = 0
-    runs = []
-    for seed in range(20):  # this tiny model accepts most drafts: find runs with rejections
+    pq = sp.figures["pq"]
+    for seed in range(20):  # this tiny model accepts most drafts: find a run with rejections
         sp.seed_box.value = seed
-        runs += [(seed, i) for i, st in enumerate(sp.generation.steps) if False in st.accepted]
-        if len(runs) >= 2:
+        if sum(False in st.accepted for st in sp.generation.steps) >= 2:
             break
-    for seed, i in runs + [(runs[0][0], 0)]:  # rejections, and a step without one
-        sp.seed_box.value = seed
-        sp.step_slider.value = i
-        st = sp.generation.steps[i]
-        pq = sp.figures["pq"]
+    steps = sp.generation.steps
+    shown = 0
+
+    def check(i):
+        nonlocal shown
+        st = steps[i]
+        for t, tr in enumerate(pq.data):
+            assert len(_x(tr)) == len(tr.y or ()), f"step {i}, trace {t}: x and y differ"
         for j in range(k):
             tr = pq.data[2 * k + j]
             rejected = j < len(st.accepted) and not st.accepted[j]
@@ -202,10 +206,19 @@ def test_stepper_shows_the_residual_at_a_rejection(models, tok, prompts):
             ids = score.topk(8).indices  # the rows shown: the draft and the top of p and q
             res = residual(st.p[j], st.q[j])
             assert list(_x(tr)) == pytest.approx(res[ids].tolist())
+            assert list(tr.y) == list(pq.data[2 * j].y)  # on the rows of p and q
             assert float(res[st.final_token]) > 0  # the replacement came from it
             assert "residual" in pq.layout.annotations[j].text
             shown += 1
-    assert shown >= 1  # the run rejects at least one draft
+
+    for i in list(range(len(steps))) + list(range(len(steps) - 1, -1, -1)):
+        sp.step_slider.value = i
+        check(i)
+    rejected_step = next(i for i, st in enumerate(steps) if False in st.accepted)
+    sp.step_slider.value = rejected_step
+    sp.show()  # the same step drawn again (as after re-decoding to an equal first step)
+    check(rejected_step)
+    assert shown >= 5  # two rejections, each seen walking forward and back, one again
 
 
 def test_stepper_redecodes_on_temperature_and_seed(models, tok, prompts):

@@ -162,10 +162,12 @@ class SpeculativeStepper(Panel):
                 tp, tq = fq.data[2 * j], fq.data[2 * j + 1]
                 ax = fq.layout[f"yaxis{'' if j == 0 else j + 1}"]
                 ann = fq.layout.annotations[j]
-                tr = fq.data[2 * kmax + j]
-                tr.x = tr.y = []
+                tr = fq.data[2 * kmax + j]  # the residual's bars
+                # each property is set once per batch: plotly drops a change back to the value
+                # it had before the batch, keeping the first one (e.g. y = [] then y = old y)
+                res_x, res_y, res_widths = [], [], []
                 if j >= len(st.drafts):
-                    tp.x = tp.y = tq.x = tq.y = []
+                    tp.x = tp.y = tq.x = tq.y = tr.x = tr.y = []
                     ann.text = f"d{j + 2}<br>not drafted"
                     continue
                 p, q = st.p[j], st.q[j]  # (V,) float64
@@ -189,12 +191,14 @@ class SpeculativeStepper(Panel):
                         + ("" if T == 0 else " from the residual"))
                     if not ok and T > 0:  # the replacement is drawn from norm(max(0, p - q))
                         res = residual(p, q)  # (V,)
-                        tr.y, tr.x = ys, res[ids].tolist()
-                        tr.marker.line.width = widths
+                        res_x, res_y, res_widths = res[ids].tolist(), ys, widths
                     ann.text = (f"d{j + 2} = '{tok_label(tok, d)}'<br>{rule} = "
                                 f"{st.accept_prob[j]:.2f}<br>{verdict}")
                 else:
                     ann.text = f"d{j + 2} = '{tok_label(tok, d)}'<br>not reached"
+                tr.x, tr.y = res_x, res_y
+                if res_widths:
+                    tr.marker.line.width = res_widths
 
         n_acc = sum(st.accepted)
         drafter = _drafter_name(self.model, self.routing_dropdown.value)
