@@ -449,14 +449,15 @@ def fingerprint(locator) -> list:
 
 
 JS_UNDRAWN = """node => {
-  // traces that hold data (x, y or z) but that plotly does not draw (visible false after its
-  // defaults: e.g. a bar with x but no y), unless the trace itself asks to be hidden
+  // traces that hold data (x or y; z for a heatmap) but that plotly does not draw (visible
+  // false after its defaults: e.g. a bar with x but no y), unless the trace asks to be hidden
   const n = v => (v && v.length) || 0;
   const out = [];
   node.querySelectorAll('.js-plotly-plot').forEach((gd, f) => (gd.data || []).forEach((t, i) => {
     const full = (gd._fullData || [])[i];
     if (t.visible === false || t.visible === 'legendonly' || !full) return;
-    if ((n(t.x) || n(t.y) || n(t.z)) && full.visible !== true)
+    const holds = t.z !== undefined ? n(t.z) > 0 : n(t.x) > 0 || n(t.y) > 0;  // z: a heatmap
+    if (holds && full.visible !== true)
       out.push(`figure ${f} trace ${i} (${t.name || t.type}): x ${n(t.x)}, y ${n(t.y)}, `
                + `z ${n(t.z)} not drawn`);
   }));
