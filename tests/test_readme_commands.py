@@ -188,9 +188,12 @@ def check_make_smollm2_heads(tmp_path):
     out = make_dry_run("smollm2-heads")
     calls = _module_calls(out)
     assert {" ".join(h) for h, _ in calls} == {"-m cptoy.headtrain"}
-    # CP rank 1, CP rank 8, first-token heads, the draft block in two runs (the second --init
-    # from the first); every shipped checkpoint is written by one of them
-    assert len(calls) == 5
+    # CP rank 1, CP rank 8, first-token heads, the draft block in three runs (each --init from
+    # the one before); every shipped checkpoint is written by one of them
+    assert len(calls) == 6
+    inits = [re.search(r"--init (\S+)", a).group(1) for _, a in calls if "--init" in a]
+    earlier = [re.search(r"--out (\S+)", a).group(1) for _, a in calls]
+    assert inits and all(i in earlier for i in inits), "--init reads a checkpoint written before"
     helptext = run(["python", "-m", "cptoy.headtrain", "--help"]).stdout
     outs = set()
     for _, args in calls:
