@@ -65,9 +65,9 @@ class DraftStep:
 class DraftingHeads(nn.Module):
     """What every cptoy drafting head shares: argument checks and the drafting shortlist.
 
-    Subclasses set ``d_model``, ``vocab_size``, ``n_future``, attach the backbone's (V, d)
-    unembedding (``self._attach("unembedding", U, (V, d))``, read back by :attr:`unembedding`),
-    call ``super().__init__()`` and then :meth:`_init_shortlist`; they may cache
+    Subclasses call ``super().__init__()``, set ``d_model``, ``vocab_size`` and ``n_future``,
+    attach the backbone's (V, d) unembedding (``self._attach("unembedding", U, (V, d))``, read
+    back by :attr:`unembedding`) and then call :meth:`_init_shortlist`; they may cache
     drafting tables in ``self._tables`` (dropped when the shortlist changes).
     """
 

@@ -165,7 +165,7 @@ class SpeculativeStepper(Panel):
                 tr = fq.data[2 * kmax + j]  # the residual's bars
                 # each property is set once per batch: plotly drops a change back to the value
                 # it had before the batch, keeping the first one (e.g. y = [] then y = old y)
-                res_x, res_y, res_widths = [], [], []
+                res_x, res_y = [], []
                 if j >= len(st.drafts):
                     tp.x = tp.y = tq.x = tq.y = tr.x = tr.y = []
                     ann.text = f"d{j + 2}<br>not drafted"
@@ -180,8 +180,7 @@ class SpeculativeStepper(Panel):
                 tp.y, tp.x = ys, p[ids].tolist()
                 tq.y, tq.x = ys, q[ids].tolist()
                 widths = [3 if t == d else 0 for t in ids]
-                tp.marker.line.width = widths
-                tq.marker.line.width = widths
+                tp.marker.line.width = tq.marker.line.width = tr.marker.line.width = widths
                 ax.tickvals, ax.ticktext = ys, labels
                 if j < len(st.accepted):
                     ok = st.accepted[j]
@@ -191,14 +190,12 @@ class SpeculativeStepper(Panel):
                         + ("" if T == 0 else " from the residual"))
                     if not ok and T > 0:  # the replacement is drawn from norm(max(0, p - q))
                         res = residual(p, q)  # (V,)
-                        res_x, res_y, res_widths = res[ids].tolist(), ys, widths
+                        res_x, res_y = res[ids].tolist(), ys
                     ann.text = (f"d{j + 2} = '{tok_label(tok, d)}'<br>{rule} = "
                                 f"{st.accept_prob[j]:.2f}<br>{verdict}")
                 else:
                     ann.text = f"d{j + 2} = '{tok_label(tok, d)}'<br>not reached"
                 tr.x, tr.y = res_x, res_y
-                if res_widths:
-                    tr.marker.line.width = res_widths
 
         n_acc = sum(st.accepted)
         drafter = _drafter_name(self.model, self.routing_dropdown.value)
@@ -241,8 +238,8 @@ def speculative_stepper(
     marked); and, at every drafted position, the backbone's p and the drafter's q over the
     ``top`` most likely tokens (the draft outlined) with the acceptance probability
     ``min(1, p/q)`` and the decision; at a rejected draft (T > 0) also the residual
-    norm(max(0, p - q)) the replacement was drawn from. Buttons and a slider move between steps; temperature,
-    seed and the drafter's q re-decode: ``routing`` "mixture" (q = the CP's mixture conditional)
+    norm(max(0, p - q)) the replacement was drawn from. Buttons and a slider move between
+    steps; temperature, seed and the drafter's q re-decode: ``routing`` "mixture" (q = the CP's mixture conditional)
     or "expert" (one expert drawn from the posterior drafts and is q; see
     ``cptoy.decoding``); the dropdown is disabled for rank 1, where both are the same. At
     temperature 0, p and q are shown untempered and acceptance is ``d == argmax p``.
