@@ -10,7 +10,8 @@ validation splits; the heads were trained on the train splits only). Methods:
   transformers ``generate(prompt_lookup_num_tokens=3, max_matching_ngram_size=3,
   do_sample=False)`` on the same weights (transformers' own GGUF reader, float32) and the same
   token ids, beside transformers' own AR (``do_sample=False``); greedy only;
-- self-speculative decoding (``strategy="self-spec"``, n = 4: 3 drafts per step) with the
+- self-speculative decoding (``strategy="self-spec"``, n = 4: 3 drafts per step; the first-token
+  heads and the draft block also with 2 drafts per step) with the
   shipped heads ``cptoy/checkpoints/smollm2_{r1,r8,x1}.pt``: CP rank 1, CP rank 8 (structured,
   expert_dim 32), first-token heads and the draft block (``cptoy.draftblock``: one decoder
   block chaining on its own features, EAGLE-style), each drafting over its training shortlist (K = 8192)
@@ -31,9 +32,11 @@ Measured (protocol: ``cptoy.evaluate``):
     AR's forward time per token in the same loop); the cost model's prediction
     ``tokens/forward * t(1) / (t(4) + drafting)`` (``predicted_speedup``) beside each speed-up;
 
-then the issue's targets beside the measured values, and an int8 row (``quantize_int8``
-backbone verifying the best heads; its own AR is the reference: int8 greedy output is not
-float32's).
+Every cptoy row runs on the backbone with its weights packed for 4-token forwards
+(``pretrained.pack_for_verify``, where torch has MKL; ``--no-pack``: plain weights); the verify
+cost table gives both. Then the issue's targets beside the measured values, and an int8 row
+(``quantize_int8`` backbone verifying the best heads; its own AR is the reference: int8 greedy
+output is not float32's).
 
 Usage::
 
@@ -66,6 +69,7 @@ from _results import write_section
 from cptoy import checkpoints, pretrained
 from cptoy.decoding import generate
 from cptoy.evaluate import (
+    best_n_draft,
     format_table,
     heldout_prompts,
     predicted_speedup,
@@ -120,7 +124,11 @@ QUICK = BenchConfig(code_prompts=1, prose_prompts=1, prompt_tokens=32, max_new_t
 # drafters that also run at thread counts outside all_methods_threads (whole-vocabulary
 # variants are slower at every thread count; their tokens/forward is thread-independent)
 SUBSET = ("CP rank 1, K=8192", "CP rank 8, K=8192", "CP rank 8, expert, K=8192",
-          "first-token heads, K=8192", "draft block, K=8192")
+          "first-token heads, K=8192", "draft block, K=8192", "first-token heads, 2 drafts, "
+          "K=8192", "draft block, 2 drafts, K=8192")
+# heads that also run with 2 drafts per step (n = 3): a 3-token verify is far cheaper than a
+# 4-token one on this CPU (see the verification cost table), so fewer drafts can be faster
+SHORT_DRAFT = ("first-token heads", "draft block")
 
 
 # ====================================================================== models
@@ -132,6 +140,7 @@ class Drafter:
     model: object  # MTPModel / FirstTokenModel on the shared backbone
     routing: str  # "mixture" or "expert"
     K: int  # drafting vocabulary size
+    n_draft: int = 3  # drafts per step (k = n_draft + 1 tokens per verify forward)
 
 
 def load_drafters(backbone, allow_untrained: bool) -> tuple[list[Drafter], dict, bool]:
@@ -165,6 +174,9 @@ def load_drafters(backbone, allow_untrained: bool) -> tuple[list[Drafter], dict,
         out.append(Drafter(f"{family}, K=V", family, name, full, "mixture", V))
         if kw.get("rank", 1) > 1:
             out.append(Drafter(f"{family}, expert, K={K}", family, name, short, "expert", K))
+        if family in SHORT_DRAFT:
+            out.append(Drafter(f"{family}, 2 drafts, K={K}", family, name, short, "mixture", K,
+                               n_draft=2))
     return out, metrics, not missing
 
 
@@ -203,11 +215,13 @@ class Method:
         return "lossless (reference)" if self.strategy == "ar" else "lossless"
 
 
-def cptoy_fn(model, strategy: str, cfg: BenchConfig, routing: str = "mixture"):
+def cptoy_fn(model, strategy: str, cfg: BenchConfig, routing: str = "mixture",
+             n_draft: int | None = None):
+    """n_draft: drafts per step (default ``cfg.n_draft``)."""
     def fn(prompt, T, seed, max_new):
         t0 = time.perf_counter()
         g = generate(model, prompt, max_new, temperature=T, strategy=strategy, seed=seed,
-                     n_draft=None if strategy == "ar" else cfg.n_draft,
+                     n_draft=None if strategy == "ar" else (n_draft or cfg.n_draft),
                      lookup_ngram=cfg.lookup_ngram, routing=routing)
         wall = time.perf_counter() - t0
         s = g.stats
@@ -316,14 +330,14 @@ def tf_eval(drafters: list[Drafter], chunks: dict[str, list[list[int]]], cfg: Be
     for dr in drafters:
         for corpus, cs in chunks.items():
             for T in cfg.temperatures:
-                res = [teacher_forced_acceptance(dr.model, c, n_draft=cfg.n_draft,
+                res = [teacher_forced_acceptance(dr.model, c, n_draft=dr.n_draft,
                                                  temperature=T, max_positions=None,
                                                  seed=cfg.seed, routing=dr.routing) for c in cs]
                 N = sum(r.n_positions for r in res)
 
-                def pool(attr, res=res, N=N):
+                def pool(attr, res=res, N=N, m=dr.n_draft):
                     return [sum(getattr(r, attr)[j] * r.n_positions for r in res) / N
-                            for j in range(cfg.n_draft)]
+                            for j in range(m)]
 
                 gp, sp = pool("greedy_prefix"), pool("spec_prefix")
                 out[(dr.label, corpus, T)] = dict(
@@ -353,6 +367,9 @@ def main(argv=None) -> str:
     ap.add_argument("--write", action="store_true", help="write RESULTS.md even with --quick")
     ap.add_argument("--no-write", action="store_true", help="print only")
     ap.add_argument("--no-int8", action="store_true", help="skip the int8 rows")
+    ap.add_argument("--no-pack", action="store_true",
+                    help="verify with the plain float32 weights (default: MKL-packed for "
+                         "4-token forwards where torch has MKL, pretrained.pack_for_verify)")
     ap.add_argument("--threads", default=None,
                     help="comma-separated torch thread counts (default: 1,2; --quick: 1)")
     ap.add_argument("--untrained", action="store_true",
@@ -374,7 +391,9 @@ def main(argv=None) -> str:
 
     # ---------------------------------------------------------------- models and prompts
     log("loading SmolLM2-135M (cptoy, float32), the heads and transformers' model")
-    backbone, tok = pretrained.load(MODEL)
+    plain, tok = pretrained.load(MODEL)
+    packed = not args.no_pack and pretrained.can_pack()
+    backbone = pretrained.pack_for_verify(plain, cfg.n_draft + 1) if packed else plain
     drafters, metrics, trained = load_drafters(backbone, args.quick or args.untrained)
     path = pretrained.find_gguf(MODEL)
     hf = load_hf(path)
@@ -397,7 +416,8 @@ def main(argv=None) -> str:
         Method(AR, "cptoy", "ar", cptoy_fn(backbone, "ar", cfg), AR),
         Method(LK, "cptoy", "lookup", cptoy_fn(backbone, "lookup", cfg), AR),
         *[Method(f"self-spec, {dr.label}", "cptoy", "self-spec",
-                 cptoy_fn(dr.model, "self-spec", cfg, dr.routing), AR, dr) for dr in drafters],
+                 cptoy_fn(dr.model, "self-spec", cfg, dr.routing, dr.n_draft), AR, dr)
+          for dr in drafters],
         Method(HFAR, "transformers", "ar", hf_fn(hf, counter, "ar", cfg), HFAR, temps=(0.0,)),
         Method(HFLK, "transformers", "lookup", hf_fn(hf, counter, "lookup", cfg), HFAR,
                temps=(0.0,)),
@@ -425,14 +445,17 @@ def main(argv=None) -> str:
     for th in cfg.threads:
         torch.set_num_threads(th)
         log(f"verification and drafting cost, {th} thread(s)")
-        base = verify_cost(backbone, tuple(range(1, k + 2)), context_length=cfg.cost_context,
-                           repeats=cfg.cost_repeats, seed=cfg.seed)
-        verify_rows.append({"threads": th, "t(1) ms": base[0].ms,
-                            **{f"t({c.k})/t(1)": c.ratio for c in base[1:]}})
+        for weights, bb in (("plain", plain), ("packed for 4 tokens", backbone)):
+            if weights != "plain" and not packed:
+                continue
+            base = verify_cost(bb, tuple(range(1, k + 2)), context_length=cfg.cost_context,
+                               repeats=cfg.cost_repeats, seed=cfg.seed)
+            verify_rows.append({"threads": th, "weights": weights, "t(1) ms": base[0].ms,
+                                **{f"t({c.k})/t(1)": c.ratio for c in base[1:]}})
         for dr in drafters:
             for T in cfg.temperatures:
                 costs[(dr.label, T, th)] = verify_cost(
-                    dr.model, (1, k - 1, k), context_length=cfg.cost_context,
+                    dr.model, (1, dr.n_draft, dr.n_draft + 1), context_length=cfg.cost_context,
                     repeats=cfg.cost_repeats,
                     seed=cfg.seed, temperature=T, routing=dr.routing)
 
@@ -453,7 +476,7 @@ def main(argv=None) -> str:
                           aggregate(pick(runs, method=AR, T=0.0, threads=th1)))
         best = max(spec_methods, key=speed).drafter
         log(f"int8 backbone verifying {best.label}")
-        q8 = pretrained.quantize_int8(backbone)
+        q8 = pretrained.quantize_int8(plain)
         from cptoy.headtrain import load_heads
 
         m8 = load_heads(checkpoints.path(best.name), q8) if trained else None
@@ -461,13 +484,13 @@ def main(argv=None) -> str:
             from cptoy.headtrain import build_heads_model, load_heads
             m8 = build_heads_model(q8, n_future=4, **HEADS[best.name][1])
             m8.heads.set_draft_vocab(torch.arange(8192))
-        if best.K == backbone.config.vocab_size:
+        if best.K == plain.config.vocab_size:
             m8.heads.set_draft_vocab(None)
         A8 = "cptoy int8 AR"
         m_int8 = [Method(AR, "cptoy", "ar", cptoy_fn(backbone, "ar", cfg), AR),
                   Method(A8, "cptoy int8", "ar", cptoy_fn(q8, "ar", cfg), A8),
                   Method(f"int8 self-spec, {best.label}", "cptoy int8", "self-spec",
-                         cptoy_fn(m8, "self-spec", cfg, best.routing), A8, best)]
+                         cptoy_fn(m8, "self-spec", cfg, best.routing, best.n_draft), A8, best)]
         code = [p for p in prompts if p[0] == "code"][:cfg.int8_prompts]
         for T in cfg.temperatures:
             log(f"int8 decoding: T={T:g}, {th1} thread(s)")
@@ -484,7 +507,7 @@ def main(argv=None) -> str:
     def predicted(m, T, th, tpf):
         if m.drafter is None or (m.drafter.label, T, th) not in costs:
             return float("nan")
-        return predicted_speedup(tpf, costs[(m.drafter.label, T, th)], k)
+        return predicted_speedup(tpf, costs[(m.drafter.label, T, th)], m.drafter.n_draft + 1)
 
     dec_tables = []
     for T in cfg.temperatures:
@@ -527,18 +550,20 @@ def main(argv=None) -> str:
         ar_fwd = {T: agg(AR, T, th) for T in cfg.temperatures}
         for dr in drafters:
             row = {"drafter": dr.label, "threads": th}
+            kd = dr.n_draft + 1
             for T in cfg.temperatures:
                 c = {r.k: r for r in costs[(dr.label, T, th)]}
                 if T == cfg.temperatures[0]:
                     row["t(1) ms"] = c[1].ms
-                    row[f"t({k})/t(1)"] = c[k].ratio
-                row[f"draft ms T={T:g}"] = c[k].draft_ms
-                row[f"draft / t(1) T={T:g}"] = c[k].draft_ratio
+                    row["k"] = kd
+                    row["t(k)/t(1)"] = c[kd].ratio
+                row[f"draft ms T={T:g}"] = c[kd].draft_ms
+                row[f"draft / t(1) T={T:g}"] = c[kd].draft_ratio
                 a = agg(f"self-spec, {dr.label}", T, th)
                 row[f"in decoding T={T:g}"] = (a.draft_ms_step / ar_fwd[T].fwd_ms
                                                if a and ar_fwd[T] else float("nan"))
-            row[f"ceiling k t(1)/(t({k}) + draft) T={cfg.temperatures[-1]:g}"] = \
-                c[k].ceiling_with_draft
+            row[f"ceiling k t(1)/(t(k) + draft) T={cfg.temperatures[-1]:g}"] = \
+                c[kd].ceiling_with_draft
             cost_rows.append(row)
     cost_text = format_table(cost_rows, columns=list(cost_rows[0]))
     verify_text = format_table(verify_rows, columns=list(verify_rows[0]))
@@ -576,8 +601,10 @@ def main(argv=None) -> str:
 
     # ================================================================ targets
     lines = []
+    n4 = [dr for dr in drafters if dr.n_draft == cfg.n_draft]  # the targets' n = 4
     code_t = {T: {m.label: agg(m.label, T, th1, "code") for m in methods
-                  if m.strategy != "ar" and (m.temps is None or T in m.temps)}
+                  if m.strategy != "ar" and (m.temps is None or T in m.temps)
+                  and (m.drafter is None or m.drafter in n4)}
               for T in cfg.temperatures}
     for T, target in ((0.0, 2.5), (0.8, 2.0)):
         if T not in code_t:
@@ -586,7 +613,7 @@ def main(argv=None) -> str:
         b = max(lossless, key=lambda lab: lossless[lab].tpf)
         bs = max((lab for lab in lossless if lab.startswith("self-spec")),
                  key=lambda lab: lossless[lab].tpf)
-        tfb = max(tf[(dr.label, "code", T)]["spec"] for dr in drafters)
+        tfb = max(tf[(dr.label, "code", T)]["spec"] for dr in n4)
         lines.append(
             f"- Best lossless drafter, decoded tokens/forward on held-out code, n = 4, T = {T:g}: "
             f"{b} {lossless[b].tpf:.2f} (target >= {target}: {_met(lossless[b].tpf, target)}), "
@@ -631,8 +658,9 @@ def main(argv=None) -> str:
             b = max(cands, key=lambda lab: _ratio(cands[lab][0], ar_c))
             ac, al, m = cands[b]
             sp, sp_all = _ratio(ac, ar_c), _ratio(al, ar_all)
+            kd = m.drafter.n_draft + 1
             c = {r.k: r for r in costs[(m.drafter.label, T, th)]}
-            need = target * (c[k].ratio + c[k].draft_ratio)
+            need = target * (c[kd].ratio + c[kd].draft_ratio)
             rb = pick(runs, method=b, T=T, threads=th, corpus="code")
             wall = sum(r.wall for r in rb)
             fw, dr_s = sum(r.forward_s for r in rb) / wall, sum(r.draft_s for r in rb) / wall
@@ -640,8 +668,8 @@ def main(argv=None) -> str:
                 f"- Wall-clock self-spec over AR, T = {T:g}, {th} thread(s): best {b} "
                 f"{sp:.2f}x on code (target >= {target}x: {_met(sp, target)}), {sp_all:.2f}x on "
                 f"all prompts; {ac.tpf:.2f} tokens/forward, repeated 4-grams {ac.rep:.2f}; the "
-                f"cost model predicts {predicted_speedup(ac.tpf, costs[(m.drafter.label, T, th)], k):.2f}x "
-                f"(4-token verify {c[k].ratio:.2f}x and drafting {c[k].draft_ratio:.2f}x a "
+                f"cost model predicts {predicted_speedup(ac.tpf, list(c.values()), kd):.2f}x "
+                f"({kd}-token verify {c[kd].ratio:.2f}x and drafting {c[kd].draft_ratio:.2f}x a "
                 f"1-token forward), so {target}x needs about {need:.1f} tokens/forward and "
                 f"break-even (1.0x) about {need / target:.2f}. Of its "
                 f"wall time, backbone forwards take {fw:.0%}, drafting {dr_s:.0%}, the rest "
@@ -660,23 +688,25 @@ def main(argv=None) -> str:
                         f"{ha:.2f}x on all prompts).")
     for T in cfg.temperatures:  # would fewer drafts pay? (teacher-forced prefixes: exact)
         preds = []
-        for dr in drafters:
+        for dr in n4:
             c = costs[(dr.label, T, th1)]
             pre = tf[(dr.label, "code", T)]["prefix"]
             preds.append((predicted_speedup(1 + sum(pre), c, k), dr, 1 + sum(pre),
                           predicted_speedup(1 + sum(pre[:-1]), c, k - 1), 1 + sum(pre[:-1])))
+        pre_of = {d.label: tf[(d.label, "code", T)]["prefix"] for d in n4}
         p4, dr, t4, p3, t3 = max(preds, key=lambda x: max(x[0], x[3]))
         by = {r.k: r for r in costs[(dr.label, T, th1)]}
         lines.append(
             f"- Cost model with teacher-forced tokens/forward (code, T = {T:g}, {th1} thread(s)), "
             f"best drafter {dr.label}: n = {k} gives {t4:.2f} tokens/forward -> {p4:.2f}x; "
             f"n = {k - 1} gives {t3:.2f} -> {p3:.2f}x (a {k - 1}-token verify costs "
-            f"{by[k - 1].ratio:.2f}x a 1-token forward, a {k}-token one {by[k].ratio:.2f}x).")
+            f"{by[k - 1].ratio:.2f}x a 1-token forward, a {k}-token one {by[k].ratio:.2f}x); "
+            f"`best_n_draft` picks {best_n_draft(pre_of[dr.label], list(by.values()))[0]} drafts.")
     for dr in drafters:
         rs = [costs[(dr.label, T, th1)] for T in cfg.temperatures]
-        vals = [{r.k: r for r in c}[k].draft_ratio for c in rs]
+        vals = [{r.k: r for r in c}[dr.n_draft + 1].draft_ratio for c in rs]
         lines.append(
-            f"- Drafting {cfg.n_draft} tokens, {dr.label} ({th1} thread(s)): "
+            f"- Drafting {dr.n_draft} tokens, {dr.label} ({th1} thread(s)): "
             + ", ".join(f"{v:.2f}x a 1-token forward at T = {T:g} ({_met(v, 0.15, False)})"
                         for v, T in zip(vals, cfg.temperatures, strict=True))
             + " (target <= 0.15).")
@@ -712,7 +742,11 @@ def main(argv=None) -> str:
         f"Machine: {platform.machine()}, {os.cpu_count()} cores shared with other jobs (load "
         f"average {load_avg:.1f} at the start), torch {torch.__version__}, transformers "
         f"{transformers.__version__}, Python {platform.python_version()}.",
-        f"Backbone: `{path.name}` dequantised to float32, batch 1, CPU, KV cache. Heads "
+        f"Backbone: `{path.name}` dequantised to float32, batch 1, CPU, KV cache"
+        + (", its weights also packed for 4-token forwards (`pretrained.pack_for_verify`: "
+           "MKL's packed GEMM; every cptoy row, AR included, runs on it; 1-token forwards "
+           "compute exactly what the plain weights do)" if packed else
+           ", plain weights (no MKL packing)") + ". Heads "
         f"(n = 4, trained on the code + Shakespeare train splits): {heads_info or 'untrained'}.",
         f"Decoding: {cfg.code_prompts} held-out code + {cfg.prose_prompts} held-out Shakespeare "
         f"prompts of {cfg.prompt_tokens} tokens, {cfg.max_new_tokens} new tokens each, no eos "
@@ -742,7 +776,8 @@ def main(argv=None) -> str:
         "",
         f"Isolated timings (`cptoy.evaluate.verify_cost`, lower quartile of "
         f"{cfg.cost_repeats} rounds after {cfg.cost_context} cached tokens): t(k) = a k-token "
-        "cached forward plus its logits; drafting = what the decoder spends drafting one step "
+        "cached forward plus its logits (plain weights, and packed for 4-token forwards as "
+        "the decoding loops use them); drafting = what the decoder spends drafting one step "
         f"of {cfg.n_draft} tokens (`draft_step`: heads, sampling, q). `in decoding`: drafting "
         "time per step in the decoding loop over AR's forward time per token in the same loop.",
         "",

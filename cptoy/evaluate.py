@@ -67,6 +67,7 @@ __all__ = [
     "heads_only_generate",
     "verify_cost",
     "predicted_speedup",
+    "best_n_draft",
     "format_table",
     "heldout_text",
     "heldout_ids",
@@ -432,6 +433,31 @@ def predicted_speedup(tokens_per_forward: float, cost: list[CostRow], k: int) ->
     c = by[k]
     d = 0.0 if math.isnan(c.draft_ms) else c.draft_ms
     return tokens_per_forward * by[1].ms / (c.ms + d)
+
+
+def best_n_draft(prefix, cost: list[CostRow]) -> tuple[int, float]:
+    """The number of drafts per step that the cost model favours, and its predicted speed-up.
+
+    prefix: (m,) Pr(drafts 1..j all accepted), j = 1..m, e.g. ``spec_prefix`` of
+        :func:`teacher_forced_acceptance` or a checkpoint's recorded ``prefix``; with k - 1
+        drafts a step yields ``1 + sum(prefix[:k - 1])`` tokens per forward on average.
+    cost: :func:`verify_cost` rows of the drafting model (rows for k = 1 and each k to weigh).
+
+    Returns ``(n_draft, speed-up)``: the k - 1 in 1..m with a cost row that maximises
+    :func:`predicted_speedup`. A k-token verify costs far less than k 1-token forwards, but its
+    cost need not grow smoothly in k either (a matrix library may switch kernels at some k; see
+    bench/RESULTS.md), so fewer drafts can be faster although they accept fewer tokens.
+    """
+    pre = [float(p) for p in prefix]
+    if not pre or any(not 0 <= p <= 1 for p in pre):
+        raise ValueError(f"prefix must be a non-empty list of probabilities, got {prefix!r}")
+    if any(b > a + 1e-9 for a, b in zip(pre, pre[1:], strict=False)):
+        raise ValueError(f"prefix must be non-increasing (Pr(first j accepted)), got {prefix!r}")
+    ks = sorted(c.k for c in cost if 2 <= c.k <= len(pre) + 1)
+    if not ks:
+        raise ValueError(f"cost has no row for k in 2..{len(pre) + 1}: {sorted(c.k for c in cost)}")
+    best = max(ks, key=lambda k: predicted_speedup(1 + sum(pre[: k - 1]), cost, k))
+    return best - 1, predicted_speedup(1 + sum(pre[: best - 1]), cost, best)
 
 
 # ====================================================================== held-out data

@@ -396,6 +396,7 @@ class GPT(nn.Module):
         self.ln_f = make_norm(config)
         if not config.tie_embeddings:
             self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.packed_logits = None  # (..., C) -> (..., V) in place of F.linear: pack_for_verify
 
         # nanoGPT init: N(0, 0.02) everywhere, zero biases, and the projections that write into
         # the residual stream scaled down by sqrt(2 * n_layer) (GPT-2 paper).
@@ -488,6 +489,8 @@ class GPT(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Next-token logits (..., V) from hidden states (..., C), through the unembedding."""
+        if self.packed_logits is not None:  # the same matrix in a faster layout
+            return self.packed_logits(hidden)
         return F.linear(hidden, self.unembedding)
 
     @torch.no_grad()

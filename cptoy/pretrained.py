@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cptoy._checks import check_positive_int
 from cptoy.model import GPT, GPTConfig
 
 __all__ = [
@@ -52,6 +53,9 @@ __all__ = [
     "fingerprint",
     "chat_prompt",
     "quantize_int8",
+    "PackedLinear",
+    "can_pack",
+    "pack_for_verify",
 ]
 
 # name -> (package, file inside it)
@@ -349,3 +353,69 @@ def quantize_int8(model: GPT) -> GPT:
         warnings.simplefilter("ignore")  # torch deprecates the quantized dtypes (still works)
         q.h = quantize_dynamic(q.h, spec, dtype=torch.qint8)
     return q.eval()
+
+
+# ====================================================================== packed weights
+def can_pack() -> bool:
+    """Whether this torch build has MKL's packed float32 GEMM (x86 CPU builds from PyPI do)."""
+    return torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_linear")
+
+
+class PackedLinear(torch.nn.Module):
+    """A float32 linear map that also holds its weight in MKL's packed GEMM layout for inputs
+    of exactly ``tokens`` rows, and uses it for them; other inputs take ``F.linear``.
+
+    Why: MKL multiplies a few rows by an (out, in) weight at the cost of streaming the weight
+    once for up to 3 rows, but from 4 rows on it first repacks the weight on every call, which
+    nearly doubles the cost. A k-token verify forward is exactly such a call; with the weight
+    packed once, ahead of time, it costs little more than a 1-token forward. Same float32
+    arithmetic (rounding can differ from ``F.linear`` in the last bits, as between any two
+    kernels). ``weight`` and ``bias`` are the original tensors, shared, not copied.
+    """
+
+    def __init__(self, linear: torch.nn.Linear, tokens: int):
+        super().__init__()
+        self.weight, self.bias, self.tokens = linear.weight, linear.bias, tokens
+        packed = torch.ops.mkl._mkl_reorder_linear_weight(linear.weight.detach(), tokens)
+        self.register_buffer("packed", packed, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[:-1].numel() != self.tokens:  # (..., in) with another number of rows
+            return torch.nn.functional.linear(x, self.weight, self.bias)
+        return torch.ops.mkl._mkl_linear(x, self.packed, self.weight, self.bias, self.tokens)
+
+
+def pack_for_verify(model: GPT, tokens: int = 4) -> GPT:
+    """A copy of ``model`` (float32, CPU, MKL) whose linear maps and unembedding are
+    :class:`PackedLinear` for ``tokens``-row inputs: the verify forward of self-speculative
+    decoding with ``tokens - 1`` drafts (batch 1). Parameters are shared with ``model``, not
+    copied; the packed copies add memory (``bench/smollm2_heads.py`` measures time and size).
+
+    Every other forward (the prefill, a 1-token AR step) computes exactly what ``model`` does,
+    so AR on the copy is AR on ``model``. Greedy self-speculative decoding on the copy equals
+    greedy AR on it in the same sense as on ``model``: the verify and the 1-token forward are
+    different kernels either way, equal up to float rounding."""
+    import copy
+
+    if not isinstance(model, GPT):
+        raise TypeError(f"model must be a cptoy.model.GPT, got {type(model).__name__}")
+    check_positive_int(tokens, "tokens", minimum=2)
+    if not can_pack():
+        raise ValueError("pack_for_verify needs a torch build with MKL (x86 CPU); this one "
+                         "has none: use the model as it is")
+    p = next(model.parameters())
+    if p.device.type != "cpu" or p.dtype != torch.float32:
+        raise ValueError(f"pack_for_verify needs a float32 model on the CPU, got {p.dtype} on "
+                         f"{p.device.type}")
+    packed = copy.deepcopy(model, memo={id(t): t for t in model.parameters()})
+    for block in packed.h:
+        for parent in (block.attn, block.mlp):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, torch.nn.Linear):
+                    setattr(parent, name, PackedLinear(child, tokens))
+    unembed = torch.nn.Linear(model.config.n_embd, model.config.vocab_size, bias=False,
+                              device="meta")
+    unembed.weight = model.unembedding
+    # a bound method, not a submodule: the unembedding is not stored twice in state_dict()
+    packed.packed_logits = PackedLinear(unembed, tokens).forward
+    return packed.eval()

@@ -14,6 +14,7 @@ from cptoy.evaluate import (
     METHOD_LABELS,
     BenchRow,
     CostRow,
+    best_n_draft,
     decode_benchmark,
     format_table,
     heads_only_generate,
@@ -401,6 +402,31 @@ def test_predicted_speedup_arithmetic():
     assert predicted_speedup(2.5, cost, 4) == pytest.approx(2.5 * 2.0 / 4.0)
     with pytest.raises(ValueError, match="k = 3"):
         predicted_speedup(2.0, cost, 3)
+
+
+def test_best_n_draft_follows_the_cost_of_each_verify_length():
+    nan = float("nan")
+
+    def row(k, ms, draft_ms):  # t(1) = 10 ms
+        return CostRow(k, ms, ms / 10, k * 10 / ms, draft_ms, draft_ms / 10, nan)
+
+    prefix = [0.5, 0.25, 0.125]  # tokens/forward 1.5, 1.75, 1.875 with 1, 2, 3 drafts
+    smooth = [row(1, 10, nan), row(2, 11, 0.5), row(3, 12, 1.0), row(4, 13, 1.5)]
+    # 1.5 * 10 / 11.5 = 1.304, 1.75 * 10 / 13 = 1.346, 1.875 * 10 / 14.5 = 1.293
+    assert best_n_draft(prefix, smooth) == (2, pytest.approx(17.5 / 13))
+    cliff = [row(1, 10, nan), row(2, 11, 0.5), row(3, 12, 1.0), row(4, 18, 1.5)]
+    assert best_n_draft(prefix, cliff)[0] == 2
+    cheap = [row(1, 10, nan), row(2, 10.2, 0.1), row(3, 10.4, 0.2), row(4, 10.6, 0.3)]
+    assert best_n_draft(prefix, cheap) == (3, pytest.approx(18.75 / 10.9))
+    # only the lengths the cost rows hold are weighed, and at most len(prefix) drafts
+    assert best_n_draft(prefix, [row(1, 10, nan), row(2, 11, 0.5)]) == (1, pytest.approx(15 / 11.5))
+    assert best_n_draft([0.9], smooth)[0] == 1
+    with pytest.raises(ValueError, match="non-increasing"):
+        best_n_draft([0.2, 0.5], smooth)
+    with pytest.raises(ValueError, match="probabilities"):
+        best_n_draft([1.5], smooth)
+    with pytest.raises(ValueError, match="no row"):
+        best_n_draft(prefix, [row(1, 10, nan), row(5, 20, 2.0)])
 
 
 # ============================================================================ tables

@@ -289,6 +289,66 @@ def test_int8_model_is_close_and_decodes(smollm2):
     assert len(g.tokens) == 8  # it decodes (its own outputs; not a lossless verifier, see docs)
 
 
+# ----------------------------------------------------------------------------- packed weights
+needs_mkl = pytest.mark.skipif(not pretrained.can_pack(), reason="torch built without MKL")
+
+
+@needs_mkl
+def test_packed_linear_packs_exactly_its_row_count():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(96, 200)
+    packed = pretrained.PackedLinear(lin, tokens=4)
+    assert packed.weight is lin.weight and packed.bias is lin.bias  # shared, not copied
+    with torch.no_grad():
+        for shape in [(1, 4, 96), (4, 96), (2, 2, 96)]:  # 4 rows: the packed kernel
+            x = torch.randn(shape)
+            torch.testing.assert_close(packed(x), lin(x), atol=1e-5, rtol=1e-5)
+        for shape in [(1, 1, 96), (1, 3, 96), (1, 5, 96), (8, 96)]:  # other rows: F.linear
+            x = torch.randn(shape)
+            assert torch.equal(packed(x), lin(x))
+
+
+@needs_mkl
+def test_pack_for_verify_shares_weights_and_computes_the_same_model():
+    model = tiny_llama()
+    packed = pretrained.pack_for_verify(model, tokens=4)
+    assert packed is not model and packed.state_dict().keys() == model.state_dict().keys()
+    for (name, a), b in zip(model.named_parameters(), packed.parameters(), strict=True):
+        assert a is b, name  # no weight is copied
+    assert sum(isinstance(m, pretrained.PackedLinear) for m in packed.modules()) == 4 * 2
+    x = torch.randint(0, 256, (1, 12))
+    with torch.no_grad():
+        full = model.logits(model(x))
+        c1, c2 = model.new_cache(1), packed.new_cache(1)
+        assert torch.equal(packed.logits(packed(x[:, :8], c2)), model.logits(model(x[:, :8], c1)))
+        verify = packed.logits(packed(x[:, 8:12], c2))  # 4 tokens: the packed kernels
+        torch.testing.assert_close(verify, full[:, 8:12], atol=1e-5, rtol=1e-5)
+        c2.truncate(8)
+        one = packed.logits(packed(x[:, 8:9], c2))  # 1 token: what model computes
+        assert torch.equal(one, model.logits(model(x[:, 8:9], c1)))
+    with pytest.raises(TypeError, match="model must be a cptoy.model.GPT"):
+        pretrained.pack_for_verify(torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="tokens"):
+        pretrained.pack_for_verify(model, tokens=1)
+    with pytest.raises(ValueError, match="float32 model on the CPU"):
+        pretrained.pack_for_verify(tiny_llama().to(torch.bfloat16))
+
+
+@needs_mkl
+def test_packed_smollm2_verifies_for_the_shipped_draft_block(smollm2):
+    from cptoy import checkpoints
+
+    model, tok = smollm2
+    packed = pretrained.pack_for_verify(model, tokens=4)
+    prompt = tok.encode("def parse_args(argv):\n    parser = argparse.ArgumentParser(")
+    ar = generate(model, prompt, 24, temperature=0)
+    assert generate(packed, prompt, 24, temperature=0).tokens == ar.tokens
+    block, _, _ = checkpoints.load("smollm2_block", backbone=packed)
+    spec = generate(block, prompt, 24, temperature=0, strategy="self-spec", n_draft=3)
+    assert spec.tokens == ar.tokens  # its verify forwards of 3 drafts ran the packed kernels
+    assert spec.stats.tokens_per_forward > 1.3
+
+
 # ----------------------------------------------------------------------------- bad input
 
 
