@@ -751,7 +751,8 @@ def main(argv=None) -> str:
         f"Decoding: {cfg.code_prompts} held-out code + {cfg.prose_prompts} held-out Shakespeare "
         f"prompts of {cfg.prompt_tokens} tokens, {cfg.max_new_tokens} new tokens each, no eos "
         f"stop, {cfg.n_draft} drafts per step (self-spec and both prompt lookups, lookup n-gram "
-        f"{cfg.lookup_ngram}); T = 0.8 seeded (prompt i: seed {cfg.seed} + i).",
+        f"{cfg.lookup_ngram}; rows labelled `2 drafts`: 2, a 3-token verify); T = 0.8 seeded "
+        f"(prompt i: seed {cfg.seed} + i).",
         "",
         "### Targets",
         "",
