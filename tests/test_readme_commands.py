@@ -188,9 +188,9 @@ def check_make_smollm2_heads(tmp_path):
     out = make_dry_run("smollm2-heads")
     calls = _module_calls(out)
     assert {" ".join(h) for h, _ in calls} == {"-m cptoy.headtrain"}
-    # CP rank 1, CP rank 8, first-token heads, the draft block in three runs (each --init from
+    # CP rank 1, CP rank 8, first-token heads, the draft block in four runs (each --init from
     # the one before); every shipped checkpoint is written by one of them
-    assert len(calls) == 6
+    assert len(calls) == 7
     helptext = run(["python", "-m", "cptoy.headtrain", "--help"]).stdout
     outs = []
     for _, args in calls:
@@ -199,7 +199,7 @@ def check_make_smollm2_heads(tmp_path):
         init = re.search(r"--init (\S+)", args)
         assert init is None or init.group(1) in outs, f"--init {init.group(1)} not written before"
         outs.append(re.search(r"--out (\S+)", args).group(1))
-    assert sum("--init" in a for _, a in calls) == 2
+    assert sum("--init" in a for _, a in calls) == 3
     shipped = {f"cptoy/checkpoints/{n}.pt" for n in ("smollm2_r1", "smollm2_r8", "smollm2_x1",
                                                       "smollm2_block")}
     assert shipped <= set(outs)
