@@ -396,7 +396,7 @@ class GPT(nn.Module):
         self.ln_f = make_norm(config)
         if not config.tie_embeddings:
             self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        self.packed_logits = None  # (..., C) -> (..., V) in place of F.linear: pack_for_verify
+        self.packed_logits = None  # (..., C) -> (..., V) replacing F.linear (pretrained.pack_for_verify)
 
         # nanoGPT init: N(0, 0.02) everywhere, zero biases, and the projections that write into
         # the residual stream scaled down by sqrt(2 * n_layer) (GPT-2 paper).

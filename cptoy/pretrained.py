@@ -389,7 +389,7 @@ def pack_for_verify(model: GPT, tokens: int = 4) -> GPT:
     """A copy of ``model`` (float32, CPU, MKL) whose linear maps and unembedding are
     :class:`PackedLinear` for ``tokens``-row inputs: the verify forward of self-speculative
     decoding with ``tokens - 1`` drafts (batch 1). Parameters are shared with ``model``, not
-    copied; the packed copies add memory (``bench/smollm2_heads.py`` measures time and size).
+    copied; the packed buffers take about as much memory again as the weights (README).
 
     Every other forward (the prefill, a 1-token AR step) computes exactly what ``model`` does,
     so AR on the copy is AR on ``model``. Greedy self-speculative decoding on the copy equals
