@@ -442,12 +442,11 @@ def main(argv=None) -> str:
     costs = {}  # (drafter label, T, threads) -> [CostRow]
     k = cfg.n_draft + 1
     verify_rows = []
+    verifiers = [("plain", plain)] + ([("packed for 4 tokens", backbone)] if packed else [])
     for th in cfg.threads:
         torch.set_num_threads(th)
         log(f"verification and drafting cost, {th} thread(s)")
-        for weights, bb in (("plain", plain), ("packed for 4 tokens", backbone)):
-            if weights != "plain" and not packed:
-                continue
+        for weights, bb in verifiers:
             base = verify_cost(bb, tuple(range(1, k + 2)), context_length=cfg.cost_context,
                                repeats=cfg.cost_repeats, seed=cfg.seed)
             verify_rows.append({"threads": th, "weights": weights, "t(1) ms": base[0].ms,
@@ -687,21 +686,20 @@ def main(argv=None) -> str:
                         f"{hb:.2f}x over its own AR on code; cptoy AR / transformers AR "
                         f"{ha:.2f}x on all prompts).")
     for T in cfg.temperatures:  # would fewer drafts pay? (teacher-forced prefixes: exact)
-        preds = []
-        for dr in n4:
-            c = costs[(dr.label, T, th1)]
-            pre = tf[(dr.label, "code", T)]["prefix"]
-            preds.append((predicted_speedup(1 + sum(pre), c, k), dr, 1 + sum(pre),
-                          predicted_speedup(1 + sum(pre[:-1]), c, k - 1), 1 + sum(pre[:-1])))
-        pre_of = {d.label: tf[(d.label, "code", T)]["prefix"] for d in n4}
-        p4, dr, t4, p3, t3 = max(preds, key=lambda x: max(x[0], x[3]))
-        by = {r.k: r for r in costs[(dr.label, T, th1)]}
+        # the drafter the cost model favours most at its best draft length (costs hold k, k - 1)
+        choice = {dr.label: best_n_draft(tf[(dr.label, "code", T)]["prefix"],
+                                         costs[(dr.label, T, th1)]) for dr in n4}
+        dr = max(n4, key=lambda d: choice[d.label][1])
+        pre, c = tf[(dr.label, "code", T)]["prefix"], costs[(dr.label, T, th1)]
+        by = {r.k: r for r in c}
+        t4, t3 = 1 + sum(pre), 1 + sum(pre[:-1])
         lines.append(
             f"- Cost model with teacher-forced tokens/forward (code, T = {T:g}, {th1} thread(s)), "
-            f"best drafter {dr.label}: n = {k} gives {t4:.2f} tokens/forward -> {p4:.2f}x; "
-            f"n = {k - 1} gives {t3:.2f} -> {p3:.2f}x (a {k - 1}-token verify costs "
+            f"best drafter {dr.label}: n = {k} gives {t4:.2f} tokens/forward -> "
+            f"{predicted_speedup(t4, c, k):.2f}x; n = {k - 1} gives {t3:.2f} -> "
+            f"{predicted_speedup(t3, c, k - 1):.2f}x (a {k - 1}-token verify costs "
             f"{by[k - 1].ratio:.2f}x a 1-token forward, a {k}-token one {by[k].ratio:.2f}x); "
-            f"`best_n_draft` picks {best_n_draft(pre_of[dr.label], list(by.values()))[0]} drafts.")
+            f"`best_n_draft` picks {choice[dr.label][0]} drafts.")
     for dr in drafters:
         rs = [costs[(dr.label, T, th1)] for T in cfg.temperatures]
         vals = [{r.k: r for r in c}[dr.n_draft + 1].draft_ratio for c in rs]

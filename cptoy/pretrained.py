@@ -373,10 +373,10 @@ class PackedLinear(torch.nn.Module):
     kernels). ``weight`` and ``bias`` are the original tensors, shared, not copied.
     """
 
-    def __init__(self, linear: torch.nn.Linear, tokens: int):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, tokens: int):
         super().__init__()
-        self.weight, self.bias, self.tokens = linear.weight, linear.bias, tokens
-        packed = torch.ops.mkl._mkl_reorder_linear_weight(linear.weight.detach(), tokens)
+        self.weight, self.bias, self.tokens = weight, bias, tokens  # (out, in), (out,) or None
+        packed = torch.ops.mkl._mkl_reorder_linear_weight(weight.detach(), tokens)
         self.register_buffer("packed", packed, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -412,10 +412,7 @@ def pack_for_verify(model: GPT, tokens: int = 4) -> GPT:
         for parent in (block.attn, block.mlp):
             for name, child in list(parent.named_children()):
                 if isinstance(child, torch.nn.Linear):
-                    setattr(parent, name, PackedLinear(child, tokens))
-    unembed = torch.nn.Linear(model.config.n_embd, model.config.vocab_size, bias=False,
-                              device="meta")
-    unembed.weight = model.unembedding
+                    setattr(parent, name, PackedLinear(child.weight, child.bias, tokens))
     # a bound method, not a submodule: the unembedding is not stored twice in state_dict()
-    packed.packed_logits = PackedLinear(unembed, tokens).forward
+    packed.packed_logits = PackedLinear(model.unembedding, None, tokens).forward
     return packed.eval()

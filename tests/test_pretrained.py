@@ -297,7 +297,7 @@ needs_mkl = pytest.mark.skipif(not pretrained.can_pack(), reason="torch built wi
 def test_packed_linear_packs_exactly_its_row_count():
     torch.manual_seed(0)
     lin = torch.nn.Linear(96, 200)
-    packed = pretrained.PackedLinear(lin, tokens=4)
+    packed = pretrained.PackedLinear(lin.weight, lin.bias, tokens=4)
     assert packed.weight is lin.weight and packed.bias is lin.bias  # shared, not copied
     with torch.no_grad():
         for shape in [(1, 4, 96), (4, 96), (2, 2, 96)]:  # 4 rows: the packed kernel

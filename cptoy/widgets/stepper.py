@@ -239,10 +239,10 @@ def speculative_stepper(
     ``top`` most likely tokens (the draft outlined) with the acceptance probability
     ``min(1, p/q)`` and the decision; at a rejected draft (T > 0) also the residual
     norm(max(0, p - q)) the replacement was drawn from. Buttons and a slider move between
-    steps; temperature, seed and the drafter's q re-decode: ``routing`` "mixture" (q = the CP's mixture conditional)
-    or "expert" (one expert drawn from the posterior drafts and is q; see
-    ``cptoy.decoding``); the dropdown is disabled for rank 1, where both are the same. At
-    temperature 0, p and q are shown untempered and acceptance is ``d == argmax p``.
+    steps; temperature, seed and the drafter's q re-decode: ``routing`` "mixture" (q = the
+    CP's mixture conditional) or "expert" (one expert drawn from the posterior drafts and is
+    q; see ``cptoy.decoding``); the dropdown is disabled for rank 1, where both are the same.
+    At temperature 0, p and q are shown untempered and acceptance is ``d == argmax p``.
     """
     from cptoy.decoding import check_routing
 
